@@ -1,0 +1,1 @@
+"""mnist-ddp: the classic PyTorch MNIST tutorial as a correct DistributedDataParallel job."""

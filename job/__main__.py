@@ -1,0 +1,107 @@
+"""`python -m job <command>`: train | evaluate | data | config.
+
+Bad input never shows a traceback: it is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from job.config import DataConfig, dump_config, load_config
+from job.errors import JobError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line instead of argparse's usage block
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; see `python -m job {self.prog.split()[-1]} --help`\n")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (default: job/configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.02")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="job", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train the model (under torchrun/accelerate: one rank)")
+    _add_config_args(train)
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="print exact test figures of a model as one JSON line")
+    evaluate.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=_evaluate)
+
+    fetch = commands.add_parser("data", help="fetch and verify MNIST")
+    fetch.add_argument("--root", help="data directory (default: data.root of the default config)")
+    fetch.set_defaults(func=_data)
+
+    show = commands.add_parser("config", help="validate a config and print it resolved, as YAML")
+    _add_config_args(show)
+    show.set_defaults(func=_config)
+    return parser
+
+
+# Commands that need torch import it when they run: `config` and bad input answer fast.
+def _train(args: argparse.Namespace) -> int:
+    from job.train import run_training
+
+    run_training(load_config(args.config, args.overrides))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from job.train import run_evaluation
+
+    result = run_evaluation(load_config(args.config, args.overrides), args.checkpoint)
+    if _env_int("RANK") == 0:
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from job.data import ensure_mnist, raw_dir
+
+    root = args.root or DataConfig().root
+    ensure_mnist(root, download=True, verify=True)
+    print(f"MNIST ready and verified in {raw_dir(root)}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _env_int(name: str, default: int = 0) -> int:
+    """A launcher variable read before any validation (which may be what failed)."""
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as e:
+        # Most bad input is the same on every rank: the first process on each host says it once.
+        if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
+            tag = f"[rank {_env_int('RANK')}] " if _env_int("WORLD_SIZE", 1) > 1 else ""
+            print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

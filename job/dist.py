@@ -1,0 +1,177 @@
+"""Process-group setup from the launcher's environment (torchrun, accelerate launch, or none).
+
+torchrun and `accelerate launch` both export RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. With none of them set the job is a
+plain single process: it still gets a (one-member, in-memory) process group, so
+training and evaluation run one code path at every world size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from job.config import DistConfig
+from job.errors import JobError, LaunchError, PeerFailedError
+
+_LAUNCH_HINT = "start multi-process jobs with torchrun or accelerate launch, which set these"
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """The live process group's view from this rank."""
+
+    env: LaunchEnv
+    backend: str
+    device: torch.device
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_leader(self) -> bool:
+        """Rank 0: the one process that writes shared files."""
+        return self.env.rank == 0
+
+    @property
+    def is_local_leader(self) -> bool:
+        """Local rank 0: the one process per host that prepares host-local files (data)."""
+        return self.env.local_rank == 0
+
+
+def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """The launcher's description of this process; inconsistent values raise LaunchError."""
+    if "RANK" not in environ and "WORLD_SIZE" not in environ:
+        return LaunchEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="none")
+    world_size = _int_var(environ, "WORLD_SIZE", minimum=1)
+    rank = _int_var(environ, "RANK", minimum=0)
+    if rank >= world_size:
+        raise LaunchError(f"RANK={rank} must be below WORLD_SIZE={world_size}; {_LAUNCH_HINT}")
+    if world_size == 1 and "LOCAL_RANK" not in environ:
+        local_rank, local_world_size = 0, 1
+    else:
+        local_rank = _int_var(environ, "LOCAL_RANK", minimum=0)
+        local_world_size = _int_var(environ, "LOCAL_WORLD_SIZE", minimum=1, default=world_size)
+    if local_rank >= local_world_size:
+        raise LaunchError(f"LOCAL_RANK={local_rank} must be below LOCAL_WORLD_SIZE={local_world_size}; {_LAUNCH_HINT}")
+    if local_world_size > world_size:
+        raise LaunchError(
+            f"LOCAL_WORLD_SIZE={local_world_size} exceeds WORLD_SIZE={world_size}: WORLD_SIZE counts "
+            "processes on all nodes, not nodes"
+        )
+    if world_size > 1:
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not environ.get(name):
+                raise LaunchError(f"{name} is not set for a {world_size}-process job; {_LAUNCH_HINT}")
+    launcher = "accelerate" if "ACCELERATE_MIXED_PRECISION" in environ else "torchrun"
+    if "TORCHELASTIC_RUN_ID" not in environ and launcher == "torchrun":
+        launcher = "env"
+    return LaunchEnv(rank, world_size, local_rank, local_world_size, launcher)
+
+
+def _int_var(environ: Mapping[str, str], name: str, minimum: int, default: int | None = None) -> int:
+    raw = environ.get(name)
+    if raw is None:
+        if default is not None:
+            return default
+        raise LaunchError(f"{name} is not set but RANK/WORLD_SIZE are; {_LAUNCH_HINT}")
+    try:
+        value = int(raw)
+    except ValueError:
+        raise LaunchError(f"{name}={raw!r} is not an integer; {_LAUNCH_HINT}") from None
+    if value < minimum:
+        raise LaunchError(f"{name}={value} must be >= {minimum}; {_LAUNCH_HINT}")
+    return value
+
+
+def choose_backend_and_device(cfg: DistConfig, env: LaunchEnv) -> tuple[str, torch.device]:
+    """auto = nccl on CUDA, gloo on CPU; the device is the GPU numbered LOCAL_RANK."""
+    has_cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if has_cuda else "gloo")
+    if backend == "nccl" and not has_cuda:
+        raise LaunchError("dist.backend=nccl needs CUDA GPUs and none is visible; use dist.backend=auto or gloo")
+    if not has_cuda:
+        return backend, torch.device("cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise LaunchError(
+            f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+            "start at most one process per GPU (torchrun --nproc-per-node)"
+        )
+    return backend, torch.device("cuda", env.local_rank)
+
+
+def cpu_threads_per_process(env: LaunchEnv, environ: Mapping[str, str] = os.environ) -> int | None:
+    """Threads for intra-op CPU work: cores / local processes, unless OMP_NUM_THREADS decides."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // env.local_world_size)
+
+
+@contextmanager
+def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
+    """A process group for the duration of the block, torn down on success and on error."""
+    backend, device = choose_backend_and_device(cfg, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        threads = cpu_threads_per_process(env)
+        if threads is not None:
+            torch.set_num_threads(threads)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    if env.launcher == "none":
+        # No launcher, no peers: an in-memory store needs no address or port.
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
+    else:
+        try:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
+        except (RuntimeError, ValueError) as e:  # DistStoreError and friends subclass RuntimeError
+            raise LaunchError(
+                f"cannot join the process group at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')} within dist.timeout_s={cfg.timeout_s}: "
+                f"{str(e).splitlines()[0]}; check MASTER_ADDR/MASTER_PORT and that every rank started"
+            ) from None
+    try:
+        yield DistContext(env=env, backend=backend, device=device)
+    finally:
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op at world size 1 apart from the call)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def raise_if_any_rank_failed(ctx: DistContext, error: JobError | None, step: str) -> None:
+    """A collective agreement after a step only some ranks did (fetching data, creating the run
+    directory): if any rank failed it, every rank stops instead of waiting for it forever."""
+    failed = torch.tensor([1.0 if error is not None else 0.0], device=ctx.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise PeerFailedError(f"another rank failed while {step}")

@@ -1,0 +1,32 @@
+"""Errors that mean "bad input": the CLI prints them as one line and exits with code 2."""
+
+
+class JobError(Exception):
+    """Bad input (config, data, launcher env, paths): what is wrong and how to fix it.
+
+    Most bad input looks the same from every rank, so only the first process on
+    each host prints it (one clear line, not one per rank). An error that only
+    one rank can see sets `rank_specific`; a rank that stops only because a
+    peer failed sets `quiet`, since the peer already said why.
+    """
+
+    rank_specific = False
+    quiet = False
+
+
+class ConfigError(JobError):
+    """The config file, an override, or a value in it is wrong."""
+
+
+class DataError(JobError):
+    """MNIST is missing, cannot be fetched, or its files are damaged."""
+
+
+class LaunchError(JobError):
+    """The launcher environment or the hardware does not fit the config."""
+
+
+class PeerFailedError(JobError):
+    """Another rank failed a step this rank waited on; that rank printed the reason."""
+
+    quiet = True

@@ -1,0 +1,76 @@
+"""Where figures go: metrics.jsonl (one JSON object per event) and TensorBoard under tb/.
+
+Only rank 0 writes; the other ranks get NullMetrics, which accepts the same calls
+and does nothing, so the training loop never asks "am I rank 0?".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
+
+
+class NullMetrics:
+    """The metrics sink of ranks that do not write."""
+
+    def train_step(self, step: int, epoch: int, examples_seen: int, loss: float, lr: float) -> None: ...
+
+    def train_epoch(self, step: int, epoch: int, samples_per_second: float) -> None: ...
+
+    def test(self, step: int, epoch: int, result: dict[str, Any], digits: torch.Tensor | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Metrics(NullMetrics):
+    """Rank 0's sink: appends to metrics.jsonl and writes TensorBoard events."""
+
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
+
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def _event(self, **fields: Any) -> None:
+        self._jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
+
+    def train_step(self, step: int, epoch: int, examples_seen: int, loss: float, lr: float) -> None:
+        self._event(event="train", step=step, epoch=epoch, examples_seen=examples_seen, loss=loss, lr=lr)
+        self._tb.add_scalar("train/loss", loss, step)
+        self._tb.add_scalar("train/lr", lr, step)
+
+    def train_epoch(self, step: int, epoch: int, samples_per_second: float) -> None:
+        self._event(event="train_epoch", step=step, epoch=epoch, samples_per_second=samples_per_second)
+        self._tb.add_scalar("train/samples_per_second", samples_per_second, step)
+
+    def test(self, step: int, epoch: int, result: dict[str, Any], digits: torch.Tensor | None) -> None:
+        self._event(event="test", step=step, epoch=epoch, **result)
+        self._tb.add_scalar("test/loss", result["test_loss"], step)
+        self._tb.add_scalar("test/accuracy", result["test_accuracy"], step)
+        if digits is not None:
+            self._tb.add_image("test/digits", digits, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._tb.close()
+
+
+def digit_grid(pixels: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """The tutorial's figure as one image (3, H, W): each digit enlarged, with
+    "truth N pred M" drawn under it, in a grid of 3 columns."""
+    tiles = []
+    for image, label, pred in zip(pixels, labels.tolist(), predictions.tolist(), strict=True):
+        digit = Image.fromarray(image.squeeze(0).numpy(), mode="L")
+        size = digit.width * scale
+        tile = Image.new("L", (size, size + 14), color=255)
+        tile.paste(Image.eval(digit.resize((size, size), Image.NEAREST), lambda p: 255 - p), (0, 0))
+        ImageDraw.Draw(tile).text((4, size + 1), f"truth {label} pred {pred}", fill=0)
+        tiles.append(torch.frombuffer(bytearray(tile.tobytes()), dtype=torch.uint8).view(1, tile.height, tile.width))
+    return make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=128)  # 1 channel -> 3
