@@ -11,8 +11,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from job.config import DataConfig, dump_config, load_config
-from job.errors import JobError
+from job.config import DataConfig, batch_split_error, dump_config, load_config
+from job.errors import ConfigError, JobError
 
 EXIT_BAD_INPUT = 2
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=_data)
 
     show = commands.add_parser("config", help="validate a config and print it resolved, as YAML")
+    show.add_argument("--world-size", type=int, default=1, help="also check that the batch splits over N ranks")
     _add_config_args(show)
     show.set_defaults(func=_config)
     return parser
@@ -52,16 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that need torch import it when they run: `config` and bad input answer fast.
 def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from job.train import run_training
 
-    run_training(load_config(args.config, args.overrides))
+    run_training(cfg)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     from job.train import run_evaluation
 
-    result = run_evaluation(load_config(args.config, args.overrides), args.checkpoint)
+    result = run_evaluation(cfg, args.checkpoint)
     if _env_int("RANK") == 0:
         print(json.dumps(result), flush=True)
     return 0
@@ -77,7 +80,12 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size={args.world_size} must be >= 1")
+    if cfg.data.global_batch_size % args.world_size:
+        raise ConfigError(batch_split_error(cfg.data.global_batch_size, args.world_size))
+    print(dump_config(cfg), end="")
     return 0
 
 

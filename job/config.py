@@ -146,6 +146,16 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(tree, sort_keys=False)
 
 
+def batch_split_error(global_batch_size: int, world_size: int) -> str:
+    """What to say when data.global_batch_size does not split evenly across the ranks."""
+    lower = global_batch_size - global_batch_size % world_size
+    hint = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+    return (
+        f"data.global_batch_size={global_batch_size} does not split evenly across {world_size} ranks; "
+        f"use a multiple of {world_size} (e.g. {hint}) or another number of processes"
+    )
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")

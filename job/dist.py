@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
-from job.errors import JobError, LaunchError, PeerFailedError
+from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError
 
 _LAUNCH_HINT = "start multi-process jobs with torchrun or accelerate launch, which set these"
 
@@ -68,23 +68,25 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     world_size = _int_var(environ, "WORLD_SIZE", minimum=1)
     rank = _int_var(environ, "RANK", minimum=0)
     if rank >= world_size:
-        raise LaunchError(f"RANK={rank} must be below WORLD_SIZE={world_size}; {_LAUNCH_HINT}")
+        raise LaunchEnvError(f"RANK={rank} must be below WORLD_SIZE={world_size}; {_LAUNCH_HINT}")
     if world_size == 1 and "LOCAL_RANK" not in environ:
         local_rank, local_world_size = 0, 1
     else:
         local_rank = _int_var(environ, "LOCAL_RANK", minimum=0)
         local_world_size = _int_var(environ, "LOCAL_WORLD_SIZE", minimum=1, default=world_size)
     if local_rank >= local_world_size:
-        raise LaunchError(f"LOCAL_RANK={local_rank} must be below LOCAL_WORLD_SIZE={local_world_size}; {_LAUNCH_HINT}")
+        raise LaunchEnvError(
+            f"LOCAL_RANK={local_rank} must be below LOCAL_WORLD_SIZE={local_world_size}; {_LAUNCH_HINT}"
+        )
     if local_world_size > world_size:
-        raise LaunchError(
+        raise LaunchEnvError(
             f"LOCAL_WORLD_SIZE={local_world_size} exceeds WORLD_SIZE={world_size}: WORLD_SIZE counts "
             "processes on all nodes, not nodes"
         )
     if world_size > 1:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not environ.get(name):
-                raise LaunchError(f"{name} is not set for a {world_size}-process job; {_LAUNCH_HINT}")
+                raise LaunchEnvError(f"{name} is not set for a {world_size}-process job; {_LAUNCH_HINT}")
     launcher = "accelerate" if "ACCELERATE_MIXED_PRECISION" in environ else "torchrun"
     if "TORCHELASTIC_RUN_ID" not in environ and launcher == "torchrun":
         launcher = "env"
@@ -96,13 +98,13 @@ def _int_var(environ: Mapping[str, str], name: str, minimum: int, default: int |
     if raw is None:
         if default is not None:
             return default
-        raise LaunchError(f"{name} is not set but RANK/WORLD_SIZE are; {_LAUNCH_HINT}")
+        raise LaunchEnvError(f"{name} is not set but RANK/WORLD_SIZE are; {_LAUNCH_HINT}")
     try:
         value = int(raw)
     except ValueError:
-        raise LaunchError(f"{name}={raw!r} is not an integer; {_LAUNCH_HINT}") from None
+        raise LaunchEnvError(f"{name}={raw!r} is not an integer; {_LAUNCH_HINT}") from None
     if value < minimum:
-        raise LaunchError(f"{name}={value} must be >= {minimum}; {_LAUNCH_HINT}")
+        raise LaunchEnvError(f"{name}={value} must be >= {minimum}; {_LAUNCH_HINT}")
     return value
 
 
@@ -115,7 +117,7 @@ def choose_backend_and_device(cfg: DistConfig, env: LaunchEnv) -> tuple[str, tor
     if not has_cuda:
         return backend, torch.device("cpu")
     if env.local_rank >= torch.cuda.device_count():
-        raise LaunchError(
+        raise LaunchEnvError(
             f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
             "start at most one process per GPU (torchrun --nproc-per-node)"
         )

@@ -26,6 +26,12 @@ class LaunchError(JobError):
     """The launcher environment or the hardware does not fit the config."""
 
 
+class LaunchEnvError(LaunchError):
+    """This process's launcher variables are inconsistent; they may differ per rank, so every rank says so."""
+
+    rank_specific = True
+
+
 class PeerFailedError(JobError):
     """Another rank failed a step this rank waited on; that rank printed the reason."""
 

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import data
 from job.checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_weights_only, model_state_from
-from job.config import Config, dump_config
+from job.config import Config, batch_split_error, dump_config
 from job.console import ProgressBar, get_logger, setup_logging
 from job.dist import DistContext, all_reduce_sum, distributed, raise_if_any_rank_failed, read_launch_env
 from job.errors import ConfigError, DataError, JobError
@@ -33,12 +33,7 @@ def rank_batch_size(global_batch_size: int, world_size: int) -> int:
     """The per-rank share of the global batch; it must split evenly, or W ranks would not walk
     the same global batches as one process."""
     if global_batch_size % world_size:
-        lower = global_batch_size - global_batch_size % world_size
-        hint = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
-        raise ConfigError(
-            f"data.global_batch_size={global_batch_size} does not split evenly across {world_size} ranks; "
-            f"use a multiple of {world_size} (e.g. {hint}) or another number of processes"
-        )
+        raise ConfigError(batch_split_error(global_batch_size, world_size))
     return global_batch_size // world_size
 
 
@@ -106,6 +101,17 @@ def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_
     }
 
 
+def build_ddp_model(cfg: Config, ctx: DistContext) -> tuple[Net, DistributedDataParallel]:
+    """The tutorial's net on this rank's device and its DDP wrapper. Every rank builds the same
+    initial weights; afterwards the global generator is this rank's own (dropout) stream."""
+    seed_parameter_init(cfg.seed)
+    model = Net(dropout=cfg.model.dropout).to(ctx.device)
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=device_ids)
+    seed_rank_streams(cfg.seed, ctx.rank)
+    return model, ddp
+
+
 class Trainer:
     """The model, its optimizer and the position in training, for one rank."""
 
@@ -116,11 +122,7 @@ class Trainer:
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
 
-        seed_parameter_init(cfg.seed)  # same initial weights on every rank
-        self.model = Net(dropout=cfg.model.dropout).to(ctx.device)
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
-        seed_rank_streams(cfg.seed, ctx.rank)  # distinct dropout masks per rank from here on
+        self.model, self.ddp = build_ddp_model(cfg, ctx)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
         self.epoch = 0

@@ -1,0 +1,64 @@
+# mnist-ddp: every user-facing command. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= job/configs/default.yaml
+# One process per GPU when there are GPUs, else 2 CPU processes.
+NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+ACCELERATE_CONFIG ?= $(if $(shell nvidia-smi -L 2>/dev/null),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
+# Extra KEY=VALUE config overrides, e.g. make train-local ARGS="train.epochs=1 run.name=try"
+ARGS ?=
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup data config train-local train-accelerate test lint format clean distclean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
+
+setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
+
+# Re-run only when the dependencies change; the stamp is written last, so a failed
+# install is retried next time instead of being taken as done.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+data: $(STAMP) ## fetch MNIST into data/ and verify its checksums
+	$(PY) -m job data
+
+config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
+	$(PY) -m job config --config $(CONFIG) $(ARGS)
+
+train-local: $(STAMP) ## train with torchrun on this host: NPROC processes (GPUs, else 2 CPU ranks)
+	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m job train --config $(CONFIG) $(ARGS)
+
+train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG from job/configs/accelerate/)
+	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
+	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
+		-m job train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff: lint and format check
+	$(VENV)/bin/ruff check job tests
+	$(VENV)/bin/ruff format --check job tests
+
+format: $(STAMP) ## ruff: apply formatting and safe fixes
+	$(VENV)/bin/ruff format job tests
+	$(VENV)/bin/ruff check --fix job tests
+
+clean: ## remove runs/ and caches (keeps .venv and data/)
+	rm -rf runs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean ## also remove .venv and data/
+	rm -rf $(VENV) data *.egg-info

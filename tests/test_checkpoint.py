@@ -1,0 +1,74 @@
+"""Safe I/O: atomic writes leave the old file or the new one, loads never execute code."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from job.checkpoint import atomic_save, atomic_write_text, load_weights_only, model_state_from
+from job.errors import JobError
+
+
+def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two")
+    assert path.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    atomic_save({"w": torch.ones(2)}, path)
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        atomic_save({"w": torch.zeros(2)}, path)
+    assert torch.equal(load_weights_only(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mnist-ddp-pwned",))
+
+
+def test_pickles_with_code_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Exploit()}, path)
+    with pytest.raises(JobError, match="is not a weights-only file and was not loaded"):
+        load_weights_only(path)
+
+
+def test_truncated_and_garbage_files_are_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    atomic_save({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(JobError, match="truncated or corrupt"):
+        load_weights_only(path)
+    path.write_bytes(pickle.dumps([1, 2]) + b"junk")
+    with pytest.raises(JobError):
+        load_weights_only(path)
+    with pytest.raises(JobError, match="does not exist"):
+        load_weights_only(tmp_path / "missing.pt")
+
+
+def test_model_state_from_model_file_or_checkpoint(tmp_path):
+    state = {"w": torch.ones(1)}
+    assert model_state_from(state, "m.pt") is state
+    assert model_state_from({"model": state, "epoch": 3}, "c.pt") is state
+    with pytest.raises(JobError, match="holds no model state_dict"):
+        model_state_from({"epoch": 3}, "c.pt")

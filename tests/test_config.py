@@ -1,0 +1,184 @@
+"""Config: the seed recipe as defaults, YAML + overrides into typed fields, every validation error."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REPO, assert_one_line_error, run_job
+
+from job.config import DEFAULT_CONFIG, Config, config_to_dict, dump_config, load_config
+from job.errors import ConfigError
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = load_config()
+    assert cfg.seed == 1
+    assert cfg.deterministic is True
+    assert (cfg.data.global_batch_size, cfg.data.test_batch_size, cfg.data.train_limit) == (64, 1000, None)
+    assert cfg.data.download is True and cfg.data.verify is True
+    assert (cfg.optim.lr, cfg.optim.momentum) == (0.01, 0.5)
+    assert cfg.model.dropout == 0.5
+    assert (cfg.train.epochs, cfg.train.log_interval) == (3, 10)
+    assert cfg.dist.backend == "auto"
+    assert cfg.run_dir == Path("runs/default")
+
+
+def test_default_yaml_spells_out_every_key_at_its_dataclass_default():
+    """default.yaml is the seed recipe exactly: the same values as the dataclasses, every key present."""
+    import yaml
+
+    written = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert written == config_to_dict(Config())
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        overrides=["optim.lr=0.02", "train.epochs=5", "data.download=false", "data.train_limit=100", "optim.momentum=0"]
+    )
+    assert cfg.optim.lr == 0.02
+    assert cfg.train.epochs == 5
+    assert cfg.data.download is False
+    assert cfg.data.train_limit == 100
+    assert cfg.optim.momentum == 0.0 and isinstance(cfg.optim.momentum, float)
+    assert load_config(overrides=["data.train_limit=null"]).data.train_limit is None
+    assert load_config(overrides=["run.name=2024"]).run.name == "2024"
+
+
+def test_yaml_file_and_overrides_combine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\noptim:\n  lr: 0.1\n")
+    cfg = load_config(path, ["optim.lr=0.5"])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.optim.momentum) == (7, 0.5, 0.5)
+
+
+def test_smoke_config_loads():
+    cfg = load_config(REPO / "job/configs/smoke.yaml")
+    assert cfg.train.epochs == 1 and cfg.data.train_limit == 5000
+
+
+def test_dump_is_loadable_and_resolves_run_dir(tmp_path):
+    cfg = load_config(overrides=["run.name=abc"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again.run.dir == "runs/abc"
+    assert dataclasses.replace(again, run=cfg.run) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.lrr=0.1", "unknown config key optim.lrr"),
+        ("optimizer.lr=0.1", "unknown config key optimizer"),
+        ("epochs=3", "unknown config key epochs"),
+        ("train.epochs=three", "wrong type: expected an integer"),
+        ("train.epochs=2.5", "wrong type: expected an integer"),
+        ("train.epochs=true", "wrong type: expected an integer"),
+        ("optim.lr=fast", "wrong type: expected a number"),
+        ("data.download=yes please", "wrong type: expected true or false"),
+        ("data.download=1", "wrong type: expected true or false"),
+        ("dist.backend=mpi", "choose one of auto, gloo, nccl"),
+        ("optim.lr=0", "optim.lr=0.0 is out of range"),
+        ("optim.lr=-1", "out of range"),
+        ("optim.momentum=1", "optim.momentum=1.0 is out of range"),
+        ("model.dropout=1.0", "model.dropout=1.0 is out of range"),
+        ("model.dropout=-0.1", "out of range"),
+        ("train.epochs=0", "train.epochs=0 is out of range"),
+        ("train.log_interval=0", "out of range"),
+        ("data.global_batch_size=0", "out of range"),
+        ("data.test_batch_size=-5", "out of range"),
+        ("data.train_limit=0", "out of range"),
+        ("data.train_limit=60001", "out of range"),
+        ("dist.timeout_s=0", "out of range"),
+        ("seed=-1", "seed=-1 is out of range"),
+        ("run.name=a/b", "run.name='a/b' is out of range"),
+        ("data.root=", "data.root='' is out of range"),
+        ("optim=3", "optim must be a section"),
+        ("seed.value=1", "seed is a value, not a section"),
+        ("nonsense", "is not KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_named(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_suggests_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["optim.lrr=0.1"])
+    message = str(info.value)
+    assert "did you mean optim.lr?" in message
+    assert "valid keys in optim: lr, momentum" in message
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 1\ntrain:\n  epochs: [3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line \d+, column \d+"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+
+
+def test_empty_config_file_means_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "optim.lr=-1"], "optim.lr=-1.0 is out of range"),
+        (["train", "optim.lrr=0.1"], "unknown config key optim.lrr"),
+        (["train", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["evaluate", "train.epochs=1"], "--checkpoint"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
+    result = run_job(args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, needle)
+    assert list(tmp_path.iterdir()) == [], "bad input must not create files"
+
+
+def test_cli_yaml_syntax_error_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {epochs: 3\n")
+    result = run_job(["train", "--config", "bad.yaml"], cwd=tmp_path)
+    assert_one_line_error(result, "YAML syntax error at line")
+
+
+def test_cli_config_prints_the_resolved_config(tmp_path):
+    result = run_job(["config", "optim.lr=0.05"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.05" in result.stdout and "dir: runs/default" in result.stdout
+
+
+def test_readme_config_reference_lists_every_key():
+    readme = (REPO / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+
+    def keys(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from keys(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    missing = [key for key in keys(config_to_dict(Config())) if f"`{key}`" not in reference]
+    assert not missing, f"README's configuration reference lacks {missing}"

@@ -1,0 +1,232 @@
+"""Real multi-process runs (torchrun and accelerate launch, gloo on CPU) on generated data.
+
+Each test launches the job the way a user does and reads the run directory contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import (
+    TINY_TEST,
+    TINY_TRAIN,
+    assert_ok,
+    assert_one_line_error,
+    clean_env,
+    load_state,
+    read_summary,
+    run_job,
+    run_probe,
+    tiny_overrides,
+)
+
+from job.model import Net
+from job.seeding import seed_parameter_init
+
+
+@pytest.fixture(scope="module")
+def w2_run(tiny_root, tmp_path_factory):
+    """One 2-rank torchrun training on generated data, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("w2") / "run"
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.log_interval=2")], nproc=2)
+    assert_ok(result)
+    return run_dir, result
+
+
+def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
+    run_dir, _ = w2_run
+    assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
+    summary = read_summary(run_dir)
+    for key in ("test_accuracy", "test_loss", "world_size", "epochs", "global_step", "train_seconds"):
+        assert key in summary
+    assert summary["world_size"] == 2 and summary["epochs"] == 2
+    assert summary["global_step"] == 2 * -(-TINY_TRAIN // 64)
+    assert summary["count"] == TINY_TEST
+    assert summary["train_samples_per_second"] > 0
+    assert summary["test_accuracy"] > 0.5, "generated digits are easy: training must have learned"
+
+    state = load_state(run_dir / "model.pt")
+    assert set(state) == set(Net().state_dict()), "model.pt is the plain model's state_dict (no 'module.')"
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["epoch-0001.pt", "epoch-0002.pt"]
+    last = torch.load(checkpoints[-1], weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == summary["global_step"] and last["world_size"] == 2
+    assert last["optimizer"]["state"], "optimizer momentum must be in the checkpoint"
+    assert all(torch.equal(last["model"][k], state[k]) for k in state)
+
+    import yaml
+
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["run"]["dir"] == str(run_dir) and resolved["seed"] == 1
+
+
+def test_metrics_and_tensorboard_hold_every_figure(w2_run):
+    run_dir, _ = w2_run
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("test") == 2 and kinds.count("train_epoch") == 2 and "train" in kinds
+    first_train = next(e for e in events if e["event"] == "train")
+    assert first_train["examples_seen"] == 0 and first_train["lr"] == 0.05
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    assert set(acc.Tags()["scalars"]) >= {
+        "train/loss",
+        "train/lr",
+        "train/samples_per_second",
+        "test/loss",
+        "test/accuracy",
+    }
+    assert "test/digits" in acc.Tags()["images"]
+    image = acc.Images("test/digits")[-1]
+    assert image.width > 3 * 28 and image.height > 2 * 28
+
+
+def test_log_lines_are_the_tutorials_and_rank_tagged(w2_run):
+    _, result = w2_run
+    lines = result.stdout.splitlines()
+    assert f"[rank 0] Train Epoch: 1 [0/{TINY_TRAIN} (0%)]  Loss: " in "\n".join(lines)
+    assert any(line.startswith("[rank 0] Train Epoch: 2 [256/512 (50%)]  Loss: ") for line in lines), lines
+    assert sum(line.startswith("[rank 0] Test set: Avg. loss: ") for line in lines) == 2
+    assert not any(line.startswith("[rank 1]") for line in lines), "only rank 0 logs progress"
+
+
+def test_two_runs_give_bit_identical_weights(w2_run, tiny_root, tmp_path):
+    """Same config, same world size, dropout on: the same bits, tensor for tensor."""
+    first_dir, _ = w2_run
+    second_dir = tmp_path / "again"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, second_dir, "train.log_interval=2")], nproc=2))
+    first, second = load_state(first_dir / "model.pt"), load_state(second_dir / "model.pt")
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_ranks_start_identical_and_draw_distinct_dropout(tmp_path):
+    out = tmp_path / "probe.json"
+    result = run_probe("rank_streams.py", [str(out)], nproc=2)
+    assert_ok(result)
+    rank0, rank1 = json.loads(out.read_text())
+    assert rank0["params"] == rank1["params"], "parameters must be identical on every rank"
+    seed_parameter_init(1)
+    tutorial_init = torch.cat([p.detach().flatten() for p in Net().parameters()])
+    assert torch.equal(torch.tensor(rank0["params"]), tutorial_init), "W>1 must start from the seed's weights"
+    assert rank0["mask"] != rank1["mask"], "dropout streams must differ per rank"
+
+
+def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
+    """Global batch semantics: with dropout off, 2 ranks x 32 and 1 rank x 64 take the same
+    steps on the same samples; only the order of float sums differs."""
+    states = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"w{nproc}"
+        assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, "model.dropout=0")], nproc=nproc))
+        states[nproc] = load_state(run_dir / "model.pt")
+        assert read_summary(run_dir)["global_step"] == 2 * -(-TINY_TRAIN // 64)
+    seed_parameter_init(1)
+    init = Net().state_dict()
+    for key, value in states[1].items():
+        assert not torch.allclose(value, init[key]), f"{key} did not train"
+        torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_evaluation_at_three_ranks_equals_one_rank_exactly(w2_run, tiny_root, tmp_path):
+    """203 test samples over 3 ranks: padded shards would count 204 and change the accuracy."""
+    run_dir, _ = w2_run
+    args = ["evaluate", "--checkpoint", str(run_dir / "model.pt"), *tiny_overrides(tiny_root, tmp_path / "unused")]
+    outputs = {}
+    for nproc in (None, 3):
+        result = run_job(args, nproc=nproc)
+        assert_ok(result)
+        json_lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+        assert len(json_lines) == 1, "only rank 0 prints the result"
+        outputs[nproc] = json.loads(json_lines[0])
+    single, three = outputs[None], outputs[3]
+    assert three["count"] == single["count"] == TINY_TEST
+    assert three["correct"] == single["correct"]
+    assert three["test_accuracy"] == single["test_accuracy"]
+    assert three["test_loss"] == pytest.approx(single["test_loss"], rel=1e-6)
+    summary = read_summary(run_dir)
+    assert single["correct"] == summary["correct"], "evaluate must agree with the training run's last test"
+    assert not (tmp_path / "unused").exists(), "evaluate writes no run directory"
+
+
+def test_accelerate_launch_two_processes(tiny_root, tmp_path):
+    run_dir = tmp_path / "acc"
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")], nproc=2, launcher="accelerate")
+    assert_ok(result)
+    summary = read_summary(run_dir)
+    assert summary["world_size"] == 2 and summary["launcher"] == "accelerate"
+
+
+def test_a_peer_that_fails_stops_every_rank(tiny_root, tmp_path):
+    """Rank 0 cannot create the run directory: rank 1 must not wait for it forever."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_job(["train", *tiny_overrides(tiny_root, blocker / "run")], nproc=2, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert errors == [f"[rank 0] error: cannot write run directory {blocker / 'run'} (Not a directory); "
+                      "set run.dir to a writable path"], result.stderr  # fmt: skip
+
+
+def test_missing_data_fails_before_any_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_job(["train", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"run.dir={run_dir}"])
+    assert_one_line_error(result, "MNIST files missing under", "run `make data`")
+    assert not run_dir.exists()
+
+
+def test_a_non_empty_run_directory_is_left_alone(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model.pt").write_bytes(b"precious")
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir)])
+    assert_one_line_error(result, f"run directory {run_dir} is not empty (holds model.pt)")
+    assert [p.name for p in run_dir.iterdir()] == ["model.pt"]
+    assert (run_dir / "model.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK=2 must be below WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "LOCAL_RANK is not set"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "MASTER_ADDR is not set"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 must be below LOCAL_WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}, "LOCAL_WORLD_SIZE=4 exceeds"),
+    ],
+)
+def test_inconsistent_launcher_env_is_one_line(tiny_root, tmp_path, env, needle):
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run")], env=clean_env(**env))
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for hosts without a GPU")
+def test_nccl_without_gpu_is_one_line(tiny_root, tmp_path):
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "dist.backend=nccl")])
+    assert_one_line_error(result, "dist.backend=nccl needs CUDA GPUs")
+
+
+def test_batch_that_does_not_split_is_one_line_per_job(tiny_root, tmp_path):
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run")], nproc=3)
+    errors = [line for line in result.stderr.splitlines() if " error: " in line]
+    assert errors == [
+        "[rank 0] error: data.global_batch_size=64 does not split evenly across 3 ranks; "
+        "use a multiple of 3 (e.g. 63 or 66) or another number of processes"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_threads_default_to_cores_per_local_process():
+    from job.dist import LaunchEnv, cpu_threads_per_process
+
+    env = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, launcher="torchrun")
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads_per_process(env, environ={}) == max(1, cores // 2)
+    assert cpu_threads_per_process(env, environ={"OMP_NUM_THREADS": "3"}) is None
