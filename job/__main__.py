@@ -19,7 +19,7 @@ EXIT_BAD_INPUT = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line instead of argparse's usage block
-        self.exit(EXIT_BAD_INPUT, f"error: {message}; see `python -m job {self.prog.split()[-1]} --help`\n")
+        self.exit(EXIT_BAD_INPUT, f"error: {message}; see `{self.prog} --help`\n")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="job", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m job", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train the model (under torchrun/accelerate: one rank)")
