@@ -25,9 +25,9 @@ setup: $(STAMP) ## create .venv with the pinned dependencies and the project (id
 
 # Re-run only when the dependencies change; the stamp is written last, so a failed
 # install is retried next time instead of being taken as done.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
 data: $(STAMP) ## fetch MNIST into data/ and verify its checksums

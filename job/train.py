@@ -6,6 +6,7 @@ train over the shuffled training set and test on the full test set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ from job import data
 from job.checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_weights_only, model_state_from
 from job.config import Config, batch_split_error, dump_config
 from job.console import ProgressBar, get_logger, setup_logging
-from job.dist import DistContext, all_reduce_sum, distributed, raise_if_any_rank_failed, read_launch_env
-from job.errors import ConfigError, DataError, JobError
+from job.dist import DistContext, all_reduce_sum, distributed, on_some_ranks, read_launch_env
+from job.errors import ConfigError, JobError
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net
 from job.seeding import configure_determinism, seed_parameter_init, seed_rank_streams
@@ -39,33 +40,14 @@ def rank_batch_size(global_batch_size: int, world_size: int) -> int:
 
 def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tuple[str, ...]) -> dict[str, data.Split]:
     """Fetch (once per host, the other local ranks wait) and load the requested splits on every rank."""
-    error = None
-    if ctx.is_local_leader:
-        try:
-            data.ensure_mnist(cfg.data.root, cfg.data.download, cfg.data.verify, log=log.info)
-        except DataError as e:
-            error = e
-    raise_if_any_rank_failed(ctx, error, "preparing MNIST")
+    fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify, log=log.info)
+    on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
     limits = {"train": cfg.data.train_limit, "t10k": None}
     return {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
 
 
-def prepare_run_dir(cfg: Config, ctx: DistContext) -> Path:
-    """Rank 0 creates the run directory and writes config.yaml; every rank learns whether it worked."""
-    run_dir, error = cfg.run_dir, None
-    if ctx.is_leader:
-        try:
-            _create_run_dir(run_dir)
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        except JobError as e:
-            error = e
-        except OSError as e:
-            error = JobError(f"cannot write run directory {run_dir} ({e.strerror}); set run.dir to a writable path")
-    raise_if_any_rank_failed(ctx, error, "creating the run directory")
-    return run_dir
-
-
-def _create_run_dir(run_dir: Path) -> None:
+def check_run_dir_is_free(run_dir: Path) -> None:
+    """Refuse a run directory that holds anything: earlier results are never overwritten."""
     if run_dir.exists() and not run_dir.is_dir():
         raise JobError(f"run.dir {run_dir} is a file, not a directory; choose another run.dir")
     if run_dir.is_dir() and any(run_dir.iterdir()):
@@ -74,7 +56,17 @@ def _create_run_dir(run_dir: Path) -> None:
             f"run directory {run_dir} is not empty (holds {held}); pass run.name=<new name> or "
             "run.dir=<new dir>, or delete it to start over"
         )
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+
+def create_run_dir(cfg: Config) -> None:
+    """The run directory with its resolved config.yaml and an empty checkpoints/."""
+    run_dir = cfg.run_dir
+    check_run_dir_is_free(run_dir)
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    except OSError as e:
+        raise JobError(f"cannot write run directory {run_dir} ({e.strerror}); set run.dir to a writable path") from None
 
 
 def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_size: int) -> dict[str, Any]:
@@ -239,10 +231,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
             f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
         )
+        # Checked before the data step (which may download for minutes), created after it,
+        # so bad input never leaves a half-made run directory behind.
+        on_some_ranks(ctx, ctx.is_leader, "checking the run directory", lambda: check_run_dir_is_free(cfg.run_dir))
         splits = prepare_data(cfg, ctx, log, splits=("train", "t10k"))
-        run_dir = prepare_run_dir(cfg, ctx)
-        summary = Trainer(cfg, ctx, splits, run_dir).fit()
-        log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {run_dir}")
+        on_some_ranks(ctx, ctx.is_leader, "creating the run directory", lambda: create_run_dir(cfg))
+        summary = Trainer(cfg, ctx, splits, cfg.run_dir).fit()
+        log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
 
 
