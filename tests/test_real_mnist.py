@@ -14,7 +14,8 @@ def test_seed_recipe_reaches_the_tutorials_accuracy(tmp_path):
     root = REPO / "data"
     fetching = bool(missing_files(root))
     run_dir = tmp_path / "seed"
-    result = run_job(["train", f"data.root={root}", f"run.dir={run_dir}"], nproc=2, timeout=900)
+    # The default, relative data.root ("data"), from the repository: what `make train-local` does.
+    result = run_job(["train", f"run.dir={run_dir}"], nproc=2, cwd=REPO, timeout=900)
     assert_ok(result)
     assert result.stdout.count("Fetched MNIST") == (1 if fetching else 0), "exactly one rank fetches"
     verify_checksums(root)
