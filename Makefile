@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 CONFIG ?= job/configs/default.yaml
 # One process per GPU when there are GPUs, else 2 CPU processes.
 NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+# CPU threads per process: cores / processes, unless OMP_NUM_THREADS is already set
+# (torchrun would otherwise force 1 and warn about it).
+THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
 ACCELERATE_CONFIG ?= $(if $(shell nvidia-smi -L 2>/dev/null),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
 # Extra KEY=VALUE config overrides, e.g. make train-local ARGS="train.epochs=1 run.name=try"
 ARGS ?=
@@ -38,11 +41,11 @@ config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
 
 train-local: $(STAMP) ## train with torchrun on this host: NPROC processes (GPUs, else 2 CPU ranks)
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m job train --config $(CONFIG) $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m job train --config $(CONFIG) $(ARGS)
 
 train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG from job/configs/accelerate/)
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
-	$(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
 		-m job train --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.data import DistributedSampler
@@ -199,26 +200,16 @@ class Split:
         return len(self.labels)
 
 
-@dataclass(frozen=True)
-class Mnist:
-    train: Split
-    test: Split
-
-
-def load_mnist(root: str | Path, train_limit: int | None = None) -> Mnist:
-    """Both splits from the raw IDX files; train_limit keeps the first N training samples."""
-    return Mnist(train=load_split(root, "train", train_limit), test=load_split(root, "t10k"))
-
-
-def load_split(root: str | Path, prefix: str, limit: int | None = None) -> Split:
-    """One split ("train" or "t10k", the raw files' prefixes), optionally its first `limit` samples."""
+def load_split(root: str | Path, split: Literal["train", "test"], limit: int | None = None) -> Split:
+    """One split from its raw IDX files, optionally only its first `limit` samples."""
+    prefix = {"train": "train", "test": "t10k"}[split]
     images = read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte", ndim=3)
     labels = read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte", ndim=1)
     if len(images) != len(labels):
-        raise DataError(f"{prefix} split: {len(images)} images but {len(labels)} labels under {raw_dir(root)}")
+        raise DataError(f"{split} split: {len(images)} images but {len(labels)} labels under {raw_dir(root)}")
     if limit is not None:
         if limit > len(labels):
-            raise DataError(f"data.train_limit={limit} exceeds the {len(labels)} training samples available")
+            raise DataError(f"data.train_limit={limit} exceeds the {len(labels)} {split} samples available")
         images, labels = images[:limit], labels[:limit]
     return Split(images=normalize(images), labels=labels.long())
 

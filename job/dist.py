@@ -144,8 +144,8 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
             torch.set_num_threads(threads)
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
-    if env.launcher == "none":
-        # No launcher, no peers: an in-memory store needs no address or port.
+    if env.world_size == 1:
+        # No peers: an in-memory store needs no address or port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
         try:
@@ -154,7 +154,8 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
             raise LaunchError(
                 f"cannot join the process group at {os.environ.get('MASTER_ADDR')}:"
                 f"{os.environ.get('MASTER_PORT')} within dist.timeout_s={cfg.timeout_s}: "
-                f"{str(e).splitlines()[0]}; check MASTER_ADDR/MASTER_PORT and that every rank started"
+                f"{(str(e).splitlines() or [type(e).__name__])[0]}; check MASTER_ADDR/MASTER_PORT and that every "
+                "rank started"
             ) from None
     try:
         yield DistContext(env=env, backend=backend, device=device)

@@ -42,7 +42,7 @@ def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tup
     """Fetch (once per host, the other local ranks wait) and load the requested splits on every rank."""
     fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify, log=log.info)
     on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
-    limits = {"train": cfg.data.train_limit, "t10k": None}
+    limits = {"train": cfg.data.train_limit, "test": None}
     return {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
 
 
@@ -109,7 +109,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split], run_dir: Path) -> None:
         self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
-        self.train_split, self.test_split = splits["train"], splits["t10k"]
+        self.train_split, self.test_split = splits["train"], splits["test"]
         self.log = get_logger()
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
@@ -234,7 +234,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         # Checked before the data step (which may download for minutes), created after it,
         # so bad input never leaves a half-made run directory behind.
         on_some_ranks(ctx, ctx.is_leader, "checking the run directory", lambda: check_run_dir_is_free(cfg.run_dir))
-        splits = prepare_data(cfg, ctx, log, splits=("train", "t10k"))
+        splits = prepare_data(cfg, ctx, log, splits=("train", "test"))
         on_some_ranks(ctx, ctx.is_leader, "creating the run directory", lambda: create_run_dir(cfg))
         summary = Trainer(cfg, ctx, splits, cfg.run_dir).fit()
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
@@ -248,10 +248,11 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     model = Net(dropout=cfg.model.dropout)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise JobError(f"checkpoint {checkpoint} does not fit the model: {str(e).splitlines()[1].strip()}") from None
+    except RuntimeError as e:  # the last line names the first mismatching key and shapes
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        raise JobError(f"checkpoint {checkpoint} does not fit the model: {reason}") from None
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)
-        splits = prepare_data(cfg, ctx, log, splits=("t10k",))
-        return evaluate(model.to(ctx.device), splits["t10k"], ctx, cfg.data.test_batch_size)
+        splits = prepare_data(cfg, ctx, log, splits=("test",))
+        return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)

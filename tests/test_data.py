@@ -58,21 +58,21 @@ def test_read_idx_wrong_magic(tmp_path, magic):
         data.read_idx(path, ndim=3)
 
 
-def test_load_mnist_normalises_like_the_tutorial(tiny_root):
-    mnist = data.load_mnist(tiny_root)
-    assert mnist.train.images.shape == (TINY_TRAIN, 1, 28, 28) and mnist.train.images.dtype == torch.float32
-    assert mnist.test.labels.dtype == torch.int64 and len(mnist.test) == TINY_TEST
+def test_splits_are_normalised_like_the_tutorial(tiny_root):
+    train, test = data.load_split(tiny_root, "train"), data.load_split(tiny_root, "test")
+    assert train.images.shape == (TINY_TRAIN, 1, 28, 28) and train.images.dtype == torch.float32
+    assert test.labels.dtype == torch.int64 and len(test) == TINY_TEST
     raw = data.read_idx(data.raw_dir(tiny_root) / "train-images-idx3-ubyte", ndim=3)
     expected = (raw[0].float() / 255 - 0.1307) / 0.3081
-    assert torch.allclose(mnist.train.images[0, 0], expected)
-    assert torch.equal(data.denormalize(mnist.train.images[:3]).squeeze(1), raw[:3])
+    assert torch.allclose(train.images[0, 0], expected)
+    assert torch.equal(data.denormalize(train.images[:3]).squeeze(1), raw[:3])
 
 
 def test_train_limit_keeps_the_first_samples(tiny_root):
     full = data.load_split(tiny_root, "train")
     limited = data.load_split(tiny_root, "train", limit=100)
     assert torch.equal(limited.labels, full.labels[:100])
-    with pytest.raises(DataError, match="exceeds the 512 training samples"):
+    with pytest.raises(DataError, match="exceeds the 512 train samples"):
         data.load_split(tiny_root, "train", limit=1000)
 
 

@@ -207,6 +207,11 @@ def test_inconsistent_launcher_env_is_one_line(tiny_root, tmp_path, env, needle)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_one_process_launcher_env_needs_no_master_address(tiny_root, tmp_path):
+    env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "train.epochs=1")], env=env))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for hosts without a GPU")
 def test_nccl_without_gpu_is_one_line(tiny_root, tmp_path):
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "dist.backend=nccl")])
@@ -230,3 +235,24 @@ def test_threads_default_to_cores_per_local_process():
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads_per_process(env, environ={}) == max(1, cores // 2)
     assert cpu_threads_per_process(env, environ={"OMP_NUM_THREADS": "3"}) is None
+
+
+def test_evaluate_reads_training_checkpoints_too(w2_run, tiny_root, tmp_path):
+    run_dir, _ = w2_run
+    overrides = tiny_overrides(tiny_root, tmp_path / "unused")
+    result = run_job(["evaluate", "--checkpoint", str(run_dir / "checkpoints/epoch-0002.pt"), *overrides])
+    assert_ok(result)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["correct"] == read_summary(run_dir)["correct"]
+
+
+def test_evaluate_refuses_bad_checkpoints_in_one_line(tiny_root, tmp_path):
+    overrides = tiny_overrides(tiny_root, tmp_path / "unused")
+    missing = run_job(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), *overrides])
+    assert_one_line_error(missing, "nope.pt does not exist")
+
+    wrong = tmp_path / "wrong.pt"
+    state = Net().state_dict()
+    state["fc2.weight"] = torch.zeros(5, 50)
+    torch.save(state, wrong)
+    result = run_job(["evaluate", "--checkpoint", str(wrong), *overrides])
+    assert_one_line_error(result, "does not fit the model: size mismatch for fc2.weight")
