@@ -39,6 +39,7 @@ def w2_run(tiny_root, tmp_path_factory):
 def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     run_dir, _ = w2_run
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
+    assert len(list((run_dir / "tb").iterdir())) == 1, "only rank 0 writes TensorBoard events"
     summary = read_summary(run_dir)
     for key in ("test_accuracy", "test_loss", "world_size", "epochs", "global_step", "train_seconds"):
         assert key in summary
@@ -115,6 +116,39 @@ def test_ranks_start_identical_and_draw_distinct_dropout(tmp_path):
     tutorial_init = torch.cat([p.detach().flatten() for p in Net().parameters()])
     assert torch.equal(torch.tensor(rank0["params"]), tutorial_init), "W>1 must start from the seed's weights"
     assert rank0["mask"] != rank1["mask"], "dropout streams must differ per rank"
+
+
+def test_data_is_fetched_once_per_host_while_the_other_ranks_wait(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    assert_ok(run_probe("fetch_once.py", [str(root)], nproc=3))
+    assert sorted(p.name for p in root.glob("fetched-by-*")) == ["fetched-by-rank-0"]
+    loaded = {p.name: p.read_text() for p in root.glob("loaded-by-*")}
+    assert loaded == {f"loaded-by-rank-{r}": str(TINY_TRAIN) for r in range(3)}
+
+
+def test_the_trainer_reshuffles_every_epoch(tiny_root, tmp_path, monkeypatch):
+    """set_epoch must be called: record the order the training loop walks, epoch by epoch."""
+    from job import data
+    from job.config import load_config
+    from job.train import run_training
+
+    orders = []
+    original = data.train_batches
+
+    def recording(split, sampler, rank_batch_size):
+        orders.append(list(sampler))
+        return original(split, sampler, rank_batch_size)
+
+    monkeypatch.setattr(data, "train_batches", recording)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        run_training(load_config(overrides=tiny_overrides(tiny_root, tmp_path / "run", "train.epochs=3")))
+    finally:
+        torch.use_deterministic_algorithms(False)  # the job set it for this (test) process
+    assert len(orders) == 3 and sorted(orders[0]) == list(range(TINY_TRAIN))
+    assert orders[0] != orders[1] != orders[2] != orders[0]
 
 
 def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
