@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from job.config import DataConfig, batch_split_error, dump_config, load_config
+from job.config import DataConfig, dump_config, load_config, rank_batch_size
 from job.errors import ConfigError, JobError
 
 EXIT_BAD_INPUT = 2
@@ -83,8 +83,7 @@ def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.world_size < 1:
         raise ConfigError(f"--world-size={args.world_size} must be >= 1")
-    if cfg.data.global_batch_size % args.world_size:
-        raise ConfigError(batch_split_error(cfg.data.global_batch_size, args.world_size))
+    rank_batch_size(cfg.data.global_batch_size, args.world_size)
     print(dump_config(cfg), end="")
     return 0
 

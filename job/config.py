@@ -146,14 +146,17 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(tree, sort_keys=False)
 
 
-def batch_split_error(global_batch_size: int, world_size: int) -> str:
-    """What to say when data.global_batch_size does not split evenly across the ranks."""
-    lower = global_batch_size - global_batch_size % world_size
-    hint = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
-    return (
-        f"data.global_batch_size={global_batch_size} does not split evenly across {world_size} ranks; "
-        f"use a multiple of {world_size} (e.g. {hint}) or another number of processes"
-    )
+def rank_batch_size(global_batch_size: int, world_size: int) -> int:
+    """The per-rank share of the global batch; it must split evenly, or W ranks would not walk
+    the same global batches as one process."""
+    if global_batch_size % world_size:
+        lower = global_batch_size - global_batch_size % world_size
+        hint = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+        raise ConfigError(
+            f"data.global_batch_size={global_batch_size} does not split evenly across {world_size} ranks; "
+            f"use a multiple of {world_size} (e.g. {hint}) or another number of processes"
+        )
+    return global_batch_size // world_size
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

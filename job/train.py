@@ -18,24 +18,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import data
 from job.checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_weights_only, model_state_from
-from job.config import Config, batch_split_error, dump_config
+from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, get_logger, setup_logging
 from job.dist import DistContext, all_reduce_sum, distributed, on_some_ranks, read_launch_env
-from job.errors import ConfigError, JobError
+from job.errors import JobError
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net
 from job.seeding import configure_determinism, seed_parameter_init, seed_rank_streams
 
 FIGURE_DIGITS = 6
 """Test digits drawn with label and prediction, as in the tutorial's figure."""
-
-
-def rank_batch_size(global_batch_size: int, world_size: int) -> int:
-    """The per-rank share of the global batch; it must split evenly, or W ranks would not walk
-    the same global batches as one process."""
-    if global_batch_size % world_size:
-        raise ConfigError(batch_split_error(global_batch_size, world_size))
-    return global_batch_size // world_size
 
 
 def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tuple[str, ...]) -> dict[str, data.Split]:

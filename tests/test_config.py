@@ -182,3 +182,18 @@ def test_readme_config_reference_lists_every_key():
 
     missing = [key for key in keys(config_to_dict(Config())) if f"`{key}`" not in reference]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_global_batch_splits_evenly_or_is_refused():
+    from job.config import rank_batch_size
+
+    assert [rank_batch_size(64, w) for w in (1, 2, 4, 8)] == [64, 32, 16, 8]
+    with pytest.raises(ConfigError, match=r"across 3 ranks; use a multiple of 3 \(e.g. 63 or 66\)"):
+        rank_batch_size(64, 3)
+    with pytest.raises(ConfigError, match=r"use a multiple of 4 \(e.g. 4\)"):
+        rank_batch_size(2, 4)
+
+
+def test_cli_config_checks_the_batch_split_for_a_world_size(tmp_path):
+    assert_one_line_error(run_job(["config", "--world-size", "3"], cwd=tmp_path), "does not split evenly")
+    assert run_job(["config", "--world-size", "4"], cwd=tmp_path).returncode == 0
