@@ -105,6 +105,13 @@ class Trainer:
         self.log = get_logger()
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
+        repeated = -len(self.train_split) % ctx.world_size
+        if repeated and ctx.is_leader:
+            self.log.warning(
+                f"{len(self.train_split)} training samples do not split evenly over {ctx.world_size} ranks: "
+                f"{repeated} sample(s) repeat each epoch (DistributedSampler pads the shards), so this run is "
+                "not step-for-step equal to a 1-rank run; pick data.train_limit divisible by the world size"
+            )
 
         self.model, self.ddp = build_ddp_model(cfg, ctx)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)

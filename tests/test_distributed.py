@@ -262,6 +262,19 @@ def test_batch_that_does_not_split_is_one_line_per_job(tiny_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_uneven_training_shards_are_announced_once(w2_run, tiny_root, tmp_path):
+    overrides = tiny_overrides(tiny_root, tmp_path / "run", "data.train_limit=301", "train.epochs=1")
+    result = run_job(["train", *overrides], nproc=2)
+    assert_ok(result)
+    warnings = [line for line in result.stderr.splitlines() if "do not split evenly" in line]
+    assert warnings == [
+        "[rank 0] 301 training samples do not split evenly over 2 ranks: 1 sample(s) repeat each epoch "
+        "(DistributedSampler pads the shards), so this run is not step-for-step equal to a 1-rank run; "
+        "pick data.train_limit divisible by the world size"
+    ]
+    assert "do not split evenly" not in w2_run[1].stderr, "512 samples split evenly over 2 ranks"
+
+
 def test_threads_default_to_cores_per_local_process():
     from job.dist import LaunchEnv, cpu_threads_per_process
 
