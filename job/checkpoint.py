@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from job.errors import JobError
+from job.errors import JobError, message_line
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: mkstemp creates 0600 files, the run directory's readers need the usual mode
@@ -76,8 +76,7 @@ def load_weights_only(path: str | Path) -> Any:
             raise JobError(f"checkpoint {path} is not a weights-only file and was not loaded ({reason})") from None
         raise JobError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JobError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
+        raise JobError(f"checkpoint {path} is truncated or corrupt ({message_line(e)})") from None
 
 
 def model_state_from(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:

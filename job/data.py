@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DistributedSampler
 
-from job.errors import DataError
+from job.errors import DataError, message_line
 
 MEAN, STD = 0.1307, 0.3081
 """The tutorial's normalisation: mean and std of the MNIST training pixels (scaled to [0, 1])."""
@@ -85,8 +85,7 @@ def fetch_mnist(root: str | Path, log: Callable[[str], None] = print) -> str:
                 for filename in SHA256:
                     _check_sha256(Path(tmp) / filename)
             except (OSError, RuntimeError, subprocess.SubprocessError, tarfile.TarError, DataError) as e:
-                reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                failures.append(f"{name}: {reason}")
+                failures.append(f"{name}: {message_line(e, last=True)}")
                 continue
             for filename in SHA256:
                 (Path(tmp) / filename).replace(target / filename)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
-from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError
+from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError, message_line
 
 _LAUNCH_HINT = "start multi-process jobs with torchrun or accelerate launch, which set these"
 
@@ -154,8 +154,7 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
             raise LaunchError(
                 f"cannot join the process group at {os.environ.get('MASTER_ADDR')}:"
                 f"{os.environ.get('MASTER_PORT')} within dist.timeout_s={cfg.timeout_s}: "
-                f"{(str(e).splitlines() or [type(e).__name__])[0]}; check MASTER_ADDR/MASTER_PORT and that every "
-                "rank started"
+                f"{message_line(e)}; check MASTER_ADDR/MASTER_PORT and that every rank started"
             ) from None
     try:
         yield DistContext(env=env, backend=backend, device=device)

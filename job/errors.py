@@ -1,6 +1,15 @@
 """Errors that mean "bad input": the CLI prints them as one line and exits with code 2."""
 
 
+def message_line(error: BaseException, last: bool = False) -> str:
+    """One line of an exception's message for a one-line report: the first (or last) non-empty
+    line, or the exception's type when the message is empty."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if last else lines[0]
+
+
 class JobError(Exception):
     """Bad input (config, data, launcher env, paths): what is wrong and how to fix it.
 

@@ -21,7 +21,7 @@ from job.checkpoint import atomic_save, atomic_write_json, atomic_write_text, lo
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, get_logger, setup_logging
 from job.dist import DistContext, all_reduce_sum, distributed, on_some_ranks, read_launch_env
-from job.errors import JobError
+from job.errors import JobError, message_line
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net
 from job.seeding import configure_determinism, seed_parameter_init, seed_rank_streams
@@ -248,8 +248,7 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # the last line names the first mismatching key and shapes
-        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        raise JobError(f"checkpoint {checkpoint} does not fit the model: {reason}") from None
+        raise JobError(f"checkpoint {checkpoint} does not fit the model: {message_line(e, last=True)}") from None
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)
