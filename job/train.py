@@ -53,7 +53,7 @@ def check_run_dir_is_free(run_dir: Path) -> None:
 def create_run_dir(cfg: Config) -> None:
     """The run directory with its resolved config.yaml and an empty checkpoints/."""
     run_dir = cfg.run_dir
-    check_run_dir_is_free(run_dir)
+    check_run_dir_is_free(run_dir)  # again: the data step may have taken minutes
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
@@ -99,8 +99,8 @@ def build_ddp_model(cfg: Config, ctx: DistContext) -> tuple[Net, DistributedData
 class Trainer:
     """The model, its optimizer and the position in training, for one rank."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split], run_dir: Path) -> None:
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, run_dir
+    def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split]) -> None:
+        self.cfg, self.ctx, self.run_dir = cfg, ctx, cfg.run_dir
         self.train_split, self.test_split = splits["train"], splits["test"]
         self.log = get_logger()
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
@@ -120,7 +120,7 @@ class Trainer:
         self.global_step = 0
         self.train_seconds = 0.0
         self.samples_trained = 0
-        self.metrics = Metrics(run_dir) if ctx.is_leader else NullMetrics()
+        self.metrics = Metrics(self.run_dir) if ctx.is_leader else NullMetrics()
 
     def fit(self) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -235,7 +235,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         on_some_ranks(ctx, ctx.is_leader, "checking the run directory", lambda: check_run_dir_is_free(cfg.run_dir))
         splits = prepare_data(cfg, ctx, log, splits=("train", "test"))
         on_some_ranks(ctx, ctx.is_leader, "creating the run directory", lambda: create_run_dir(cfg))
-        summary = Trainer(cfg, ctx, splits, cfg.run_dir).fit()
+        summary = Trainer(cfg, ctx, splits).fit()
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
 

@@ -77,6 +77,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _torchrun(nproc: int) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc)]
+
+
 def run_job(
     args: list[str],
     nproc: int | None = None,
@@ -89,7 +93,7 @@ def run_job(
     if nproc is None:
         cmd = [sys.executable, "-m", "job", *args]
     elif launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "job", *args]
+        cmd = [*_torchrun(nproc), "-m", "job", *args]
     elif launcher == "accelerate":
         cmd = [
             str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
@@ -103,8 +107,8 @@ def run_job(
 
 def run_probe(name: str, args: list[str], nproc: int) -> subprocess.CompletedProcess[str]:
     """A script from tests/probes/ under torchrun: for checks that need to look inside the ranks."""
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), str(REPO / "tests/probes" / name)]
-    return subprocess.run([*cmd, *args], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    cmd = [*_torchrun(nproc), str(REPO / "tests/probes" / name), *args]
+    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
