@@ -12,6 +12,8 @@ NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" 
 # (torchrun would otherwise force 1 and warn about it).
 THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
 ACCELERATE_CONFIG ?= $(if $(shell nvidia-smi -L 2>/dev/null),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
+# Worker failures torchrun absorbs by restarting the group, which resumes from the newest checkpoint.
+MAX_RESTARTS ?= 3
 # Extra KEY=VALUE config overrides, e.g. make train-local ARGS="train.epochs=1 run.name=try"
 ARGS ?=
 PYTEST_ARGS ?=
@@ -39,9 +41,13 @@ data: $(STAMP) ## fetch MNIST into data/ and verify its checksums
 config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
 	$(PY) -m job config --config $(CONFIG) $(ARGS)
 
-train-local: $(STAMP) ## train with torchrun on this host: NPROC processes (GPUs, else 2 CPU ranks)
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it a restarted group hangs about 1 run in 3
+# (pytorch/pytorch#135712; DESIGN.md).
+train-local: $(STAMP) ## train with torchrun on this host (NPROC ranks: GPUs, else 2 CPU); resumes a killed run
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m job train --config $(CONFIG) $(ARGS)
+	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} \
+		$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --max-restarts $(MAX_RESTARTS) \
+		-m job train --config $(CONFIG) $(ARGS)
 
 train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG from job/configs/accelerate/)
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null

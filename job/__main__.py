@@ -1,6 +1,7 @@
 """`python -m job <command>`: train | evaluate | data | config.
 
-Bad input never shows a traceback: it is one line on stderr and exit code 2.
+Bad input never shows a traceback: it is one line on stderr and a non-zero exit code
+(2 for bad input; job/errors.py lists the others).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, load_config, rank_batch_size
-from job.errors import ConfigError, JobError
-
-EXIT_BAD_INPUT = 2
+from job.errors import EXIT_BAD_INPUT, ConfigError, JobError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
             tag = f"[rank {_env_int('RANK')}] " if _env_int("WORLD_SIZE", 1) > 1 else ""
             print(f"{tag}error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -58,6 +58,16 @@ class TrainConfig:
     """Passes over the training set."""
     log_interval: int = 10
     """Log the training loss every N optimizer steps."""
+    resume: str = "auto"
+    """auto: continue from the run directory's newest valid checkpoint | never | a checkpoint file to start from."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    """Also checkpoint every N optimizer steps inside an epoch (0: only at epoch ends)."""
+    keep: int = 3
+    """Keep the newest N checkpoints; older ones are deleted once a newer one is safely written."""
 
 
 @dataclass
@@ -86,6 +96,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -109,6 +120,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.epochs": (lambda v: v >= 1, ">= 1"),
     "train.log_interval": (lambda v: v >= 1, ">= 1"),
+    "train.resume": (lambda v: v != "", "auto, never or a checkpoint path"),
+    "checkpoint.every_steps": (lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
+    "checkpoint.keep": (lambda v: v >= 1, ">= 1"),
     "run.name": (lambda v: v != "" and "/" not in v, "a non-empty name without '/'"),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
     "dist.timeout_s": (lambda v: v >= 1, ">= 1"),
@@ -144,6 +158,16 @@ def dump_config(cfg: Config) -> str:
     tree = config_to_dict(cfg)
     tree["run"]["dir"] = str(cfg.run_dir)
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+# A checkpoint's position (epoch, batches done) and RNG streams only mean the same thing under
+# the same recipe: these keys must equal the checkpoint's for a run to resume from it.
+RESUME_KEYS = ("seed", "data.global_batch_size", "data.train_limit", "model.dropout", "optim.lr", "optim.momentum")
+
+
+def resume_recipe(cfg: Config) -> dict[str, Any]:
+    """The values of RESUME_KEYS, as a checkpoint records them."""
+    return {key: _get_dotted(cfg, key) for key in RESUME_KEYS}
 
 
 def rank_batch_size(global_batch_size: int, world_size: int) -> int:

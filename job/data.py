@@ -231,17 +231,19 @@ def train_sampler(num_samples: int, rank: int, world_size: int, seed: int) -> Di
 
 
 def train_batches(
-    split: Split, sampler: DistributedSampler, rank_batch_size: int
+    split: Split, sampler: DistributedSampler, rank_batch_size: int, skip: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's training batches for the sampler's current epoch.
+    """This rank's training batches for the sampler's current epoch, from batch number `skip`.
 
     DistributedSampler deals the shuffled indices round-robin (rank r gets positions
     r, r+W, ...), so rank r's k-th batch of B/W samples holds positions
     [k*B, (k+1)*B) of the permutation that are = r mod W: the W ranks together walk
-    exactly the global batches that one process with batch B walks.
+    exactly the global batches that one process with batch B walks. The permutation
+    does not depend on W, so skipping k batches skips the same k*B samples at any
+    world size: a resume at another world size trains exactly the unseen rest.
     """
     indices = torch.tensor(list(sampler), dtype=torch.long)
-    for batch in indices.split(rank_batch_size):
+    for batch in indices.split(rank_batch_size)[skip:]:
         yield split.images.index_select(0, batch), split.labels.index_select(0, batch)
 
 

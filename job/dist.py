@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
-from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError, message_line
+from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError, PeerLostError, message_line
 
 _LAUNCH_HINT = "start multi-process jobs with torchrun or accelerate launch, which set these"
 
@@ -41,6 +41,9 @@ class DistContext:
     env: LaunchEnv
     backend: str
     device: torch.device
+    control_group: dist.ProcessGroup | None = None
+    """Group for small CPU-side messages (votes, checkpoint bytes): None = the default group,
+    which on gloo is already a CPU group; under NCCL a separate gloo group."""
 
     @property
     def rank(self) -> int:
@@ -157,7 +160,8 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
                 f"{message_line(e)}; check MASTER_ADDR/MASTER_PORT and that every rank started"
             ) from None
     try:
-        yield DistContext(env=env, backend=backend, device=device)
+        control_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+        yield DistContext(env=env, backend=backend, device=device, control_group=control_group)
     finally:
         dist.destroy_process_group()
 
@@ -183,3 +187,48 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
         raise error
     if failed.item():
         raise PeerFailedError(f"another rank failed while {step}")
+
+
+def broadcast_bytes(ctx: DistContext, data: bytes | None) -> bytes:
+    """Rank 0's bytes on every rank (a checkpoint file, so that ranks on hosts without the
+    shared volume resume too, and every rank loads it weights-only itself)."""
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=0, group=ctx.control_group)
+    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if ctx.is_leader and data else None
+    if buffer is None:
+        buffer = torch.empty(int(size.item()), dtype=torch.uint8)
+    if buffer.numel():
+        dist.broadcast(buffer, src=0, group=ctx.control_group)
+    return buffer.numpy().tobytes()
+
+
+def gather_to_leader(ctx: DistContext, obj: object) -> list[object] | None:
+    """Every rank's `obj` on rank 0, in rank order (None on the other ranks)."""
+    gathered: list[object] | None = [None] * ctx.world_size if ctx.is_leader else None
+    dist.gather_object(obj, gathered, dst=0, group=ctx.control_group)
+    return gathered
+
+
+# Collective failures surface as plain RuntimeErrors; their messages name the transport.
+_COLLECTIVE_MARKERS = ("gloo", "NCCL", "ProcessGroup", "c10d")
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "Timeout", "timeout")
+
+
+def peer_lost_error(error: RuntimeError, timeout_s: int) -> PeerLostError | None:
+    """The one-line report for a collective that failed because of a peer, or None when
+    `error` is not a collective failure (a bug, which keeps its traceback)."""
+    text = str(error)
+    if not any(marker in text for marker in _COLLECTIVE_MARKERS):
+        return None
+    # gloo's first line: "[/path/to/file.cc:78] What happened. Advice...": keep "What happened".
+    detail = message_line(error).split("] ", 1)[-1].split(". ", 1)[0]
+    if any(marker in text for marker in _TIMEOUT_MARKERS):
+        return PeerLostError(
+            f"a peer rank stopped answering: no reply within dist.timeout_s={timeout_s} s ({detail}); another "
+            "rank is hung (stuck collective, paused or swapping process) or its host is gone: read the other "
+            "ranks' logs; raise dist.timeout_s only if ranks legitimately wait longer"
+        )
+    return PeerLostError(
+        f"a peer rank died ({detail}); its own log names the cause (OOM kill, preemption, crash); "
+        "under torchrun --max-restarts the job restarts and resumes from its newest checkpoint"
+    )

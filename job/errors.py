@@ -1,4 +1,14 @@
-"""Errors that mean "bad input": the CLI prints them as one line and exits with code 2."""
+"""Errors the CLI reports as one line (never a traceback), each kind with its own exit code.
+
+Exit codes, so that launchers and Kubernetes failure policies can tell them apart:
+2 bad input (config, data, launcher env, paths: retrying cannot help), 1 a failure
+at run time (a peer lost, a disk full: a restart may help), 75 stopped by SIGTERM
+after writing a checkpoint (preemption: resume by starting the job again).
+"""
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 
 
 def message_line(error: BaseException, last: bool = False) -> str:
@@ -21,6 +31,7 @@ class JobError(Exception):
 
     rank_specific = False
     quiet = False
+    exit_code = EXIT_BAD_INPUT
 
 
 class ConfigError(JobError):
@@ -45,3 +56,21 @@ class PeerFailedError(JobError):
     """Another rank failed a step this rank waited on; that rank printed the reason."""
 
     quiet = True
+
+
+class RunFailedError(JobError):
+    """Input was fine but the run could not go on (a full disk, a lost peer): a restart may help."""
+
+    exit_code = EXIT_FAILED
+
+
+class PeerLostError(RunFailedError):
+    """A collective failed: a peer died or stopped answering. Each surviving rank sees it itself."""
+
+    rank_specific = True
+
+
+class PreemptedError(JobError):
+    """SIGTERM: the job stopped at a step boundary (after checkpointing, when it was training)."""
+
+    exit_code = EXIT_PREEMPTED

@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
+from job.checkpoint import atomic_write_text
+
 
 class NullMetrics:
     """The metrics sink of ranks that do not write."""
@@ -25,17 +27,28 @@ class NullMetrics:
 
     def test(self, step: int, epoch: int, result: dict[str, Any], digits: torch.Tensor | None) -> None: ...
 
+    def resume(self, step: int, epoch: int, checkpoint: str, world_size: int, previous_world_size: int) -> None: ...
+
     def close(self) -> None: ...
 
 
 class Metrics(NullMetrics):
-    """Rank 0's sink: appends to metrics.jsonl and writes TensorBoard events."""
+    """Rank 0's sink: appends to metrics.jsonl and writes TensorBoard events.
 
-    def __init__(self, run_dir: Path) -> None:
+    A resumed run starts at the checkpoint's step, and a killed run may have logged
+    past it: those events are dropped (from metrics.jsonl by rewriting it, from
+    TensorBoard by its purge_step), so both read like one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
 
-        self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
+            atomic_write_text(path, "".join(kept))
+        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def _event(self, **fields: Any) -> None:
         self._jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
@@ -57,9 +70,27 @@ class Metrics(NullMetrics):
             self._tb.add_image("test/digits", digits, step)
         self._tb.flush()
 
+    def resume(self, step: int, epoch: int, checkpoint: str, world_size: int, previous_world_size: int) -> None:
+        self._event(
+            event="resume",
+            step=step,
+            epoch=epoch,
+            checkpoint=checkpoint,
+            world_size=world_size,
+            previous_world_size=previous_world_size,
+        )
+
     def close(self) -> None:
         self._jsonl.close()
         self._tb.close()
+
+
+def _step_of(line: str) -> float:
+    """A metrics.jsonl line's step; a torn last line (the writer was killed) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def digit_grid(pixels: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, scale: int = 4) -> torch.Tensor:

@@ -7,6 +7,8 @@
   so ranks draw different masks instead of dropping the same units on every shard.
 - Data order: DistributedSampler's own generator, seeded with `seed + epoch`,
   identical on every rank and independent of the streams above.
+- Resume: a checkpoint holds every rank's stream states (`rng_state`), so a resumed
+  rank draws the very masks it would have drawn uninterrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from typing import Any
 
 import torch
 
@@ -35,6 +38,29 @@ def seed_rank_streams(seed: int, rank: int) -> None:
     rank_seed = derive_seed(seed, "rank-streams", rank)
     torch.manual_seed(rank_seed)
     random.seed(rank_seed)
+
+
+def reseed_rank_streams_after_resize(seed: int, rank: int, global_step: int) -> None:
+    """Fresh per-rank streams for a resume at another world size, where old streams cannot map
+    one-to-one onto the new ranks: still derived from the seed, and distinct per rank and resume."""
+    rank_seed = derive_seed(seed, f"rank-streams-resized-at-{global_step}", rank)
+    torch.manual_seed(rank_seed)
+    random.seed(rank_seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's generator states (CPU, the CUDA device's, python's), as a checkpoint keeps them."""
+    state: dict[str, Any] = {"cpu": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def configure_determinism(deterministic: bool) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,14 +17,39 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import data
-from job.checkpoint import atomic_save, atomic_write_json, atomic_write_text, load_weights_only, model_state_from
-from job.config import Config, dump_config, rank_batch_size
+from job.checkpoint import (
+    atomic_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_weights_only,
+    loads_weights_only,
+    model_state_from,
+)
+from job.config import Config, dump_config, rank_batch_size, resume_recipe
 from job.console import ProgressBar, get_logger, setup_logging
-from job.dist import DistContext, all_reduce_sum, distributed, on_some_ranks, read_launch_env
-from job.errors import JobError, message_line
+from job.dist import (
+    DistContext,
+    all_reduce_sum,
+    broadcast_bytes,
+    distributed,
+    gather_to_leader,
+    on_some_ranks,
+    peer_lost_error,
+    read_launch_env,
+)
+from job.errors import ConfigError, JobError, PreemptedError, message_line
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net
-from job.seeding import configure_determinism, seed_parameter_init, seed_rank_streams
+from job.preemption import StopRequest, StopVote
+from job.resume import CHECKPOINT_FORMAT, ResumeSource, checkpoint_dir, find_resume_source, recipe_digest
+from job.seeding import (
+    configure_determinism,
+    reseed_rank_streams_after_resize,
+    restore_rng_state,
+    rng_state,
+    seed_parameter_init,
+    seed_rank_streams,
+)
 
 FIGURE_DIGITS = 6
 """Test digits drawn with label and prediction, as in the tutorial's figure."""
@@ -38,24 +63,15 @@ def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tup
     return {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
 
 
-def check_run_dir_is_free(run_dir: Path) -> None:
-    """Refuse a run directory that holds anything: earlier results are never overwritten."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise JobError(f"run.dir {run_dir} is a file, not a directory; choose another run.dir")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:4])
-        raise JobError(
-            f"run directory {run_dir} is not empty (holds {held}); pass run.name=<new name> or "
-            "run.dir=<new dir>, or delete it to start over"
-        )
-
-
-def create_run_dir(cfg: Config) -> None:
-    """The run directory with its resolved config.yaml and an empty checkpoints/."""
-    run_dir = cfg.run_dir
-    check_run_dir_is_free(run_dir)  # again: the data step may have taken minutes
+def prepare_run_dir(cfg: Config, resuming: bool) -> None:
+    """Rank 0, once the start is decided and the data is ready: the run directory with the
+    resolved config.yaml and checkpoints/ (minus the temporary file of a writer that died)."""
+    run_dir, checkpoints = cfg.run_dir, checkpoint_dir(cfg)
+    if not resuming and checkpoints.files():  # appeared during the data step: another job writes here
+        raise JobError(f"run directory {run_dir} gained checkpoints while this job started; is another job using it?")
     try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoints.path.mkdir(parents=True, exist_ok=True)
+        checkpoints.remove_partial_writes()
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     except OSError as e:
         raise JobError(f"cannot write run directory {run_dir} ({e.strerror}); set run.dir to a writable path") from None
@@ -105,6 +121,7 @@ class Trainer:
         self.log = get_logger()
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
+        self.num_batches = data.num_train_batches(self.sampler, self.rank_batch)
         repeated = -len(self.train_split) % ctx.world_size
         if repeated and ctx.is_leader:
             self.log.warning(
@@ -115,22 +132,36 @@ class Trainer:
 
         self.model, self.ddp = build_ddp_model(cfg, ctx)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        self.checkpoints = checkpoint_dir(cfg)
 
-        self.epoch = 0
+        # The position: epochs_done whole epochs, then batches_done batches of the next one.
+        self.epochs_done = 0
+        self.batches_done = 0
         self.global_step = 0
-        self.train_seconds = 0.0
         self.samples_trained = 0
-        self.metrics = Metrics(self.run_dir) if ctx.is_leader else NullMetrics()
+        self.train_seconds = 0.0
+        self.resumes = 0
+        self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
+        self.metrics: NullMetrics = NullMetrics()
 
-    def fit(self) -> dict[str, Any]:
-        result: dict[str, Any] = {}
+    def fit(self, stop: StopRequest) -> dict[str, Any]:
+        if self.ctx.is_leader:
+            self.metrics = Metrics(self.run_dir, start_step=self.global_step)
+            if self.resumed_from:
+                name, world_size = self.resumed_from
+                self.metrics.resume(self.global_step, self.epochs_done + 1, name, self.ctx.world_size, world_size)
         try:
-            for epoch in range(1, self.cfg.train.epochs + 1):
-                self.epoch = epoch
-                self.train_epoch(epoch)
+            stop.training = True
+            result = None
+            while self.epochs_done < self.cfg.train.epochs:
+                epoch = self.epochs_done + 1
+                self.train_epoch(epoch, stop)
+                self.epochs_done, self.batches_done = epoch, 0
                 result = self.test(epoch)
-                if self.ctx.is_leader:
-                    atomic_save(self.state_dict(), self.run_dir / "checkpoints" / f"epoch-{epoch:04d}.pt")
+                self.save_checkpoint()
+            if result is None:  # resumed a run that had finished its epochs: figures for the summary
+                self.log.info(f"All {self.epochs_done} epochs were trained already: writing the final results")
+                result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
             summary = self.summary(result)
             if self.ctx.is_leader:
                 atomic_save(self.model.state_dict(), self.run_dir / "model.pt")
@@ -139,17 +170,17 @@ class Trainer:
         finally:
             self.metrics.close()
 
-    def train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int, stop: StopRequest) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.sampler.set_epoch(epoch - 1)  # a new shuffle every epoch, the same on every rank
-        num_batches = data.num_train_batches(self.sampler, self.rank_batch)
-        dataset_size = len(self.train_split)
-        bar = ProgressBar(num_batches, f"Epoch {epoch}", enabled=ctx.is_leader)
+        dataset_size, every = len(self.train_split), cfg.checkpoint.every_steps
+        skip = self.batches_done  # non-zero only in the epoch a resume lands in
+        bar = ProgressBar(self.num_batches - skip, f"Epoch {epoch}", enabled=ctx.is_leader)
         self.ddp.train()
-        samples_before, start = self.samples_trained, time.perf_counter()
-        for batch_idx, (images, labels) in enumerate(
-            data.train_batches(self.train_split, self.sampler, self.rank_batch)
-        ):
+        samples_before, checkpoint_seconds, start = self.samples_trained, 0.0, time.perf_counter()
+        batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
+        for batch_idx, (images, labels) in enumerate(batches, start=skip):
+            vote = StopVote(ctx, stop)
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -157,6 +188,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.global_step += 1
+            self.batches_done = batch_idx + 1
             # Every rank's batch is the same size, so the mean of rank means is the global batch mean.
             self.samples_trained += len(labels) * ctx.world_size
             bar.update()
@@ -165,14 +197,24 @@ class Trainer:
                 done = min(batch_idx * cfg.data.global_batch_size, dataset_size)
                 bar.clear()
                 self.log.info(
-                    f"Train Epoch: {epoch} [{done}/{dataset_size} ({100.0 * batch_idx / num_batches:.0f}%)]"
+                    f"Train Epoch: {epoch} [{done}/{dataset_size} ({100.0 * batch_idx / self.num_batches:.0f}%)]"
                     f"  Loss: {mean_loss:.6f}"
                 )
                 examples_seen = (epoch - 1) * dataset_size + done
                 self.metrics.train_step(self.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
+            stopping = vote.any_rank_stopping()
+            if stopping or (every and self.global_step % every == 0 and self.batches_done < self.num_batches):
+                checkpoint_seconds += self.save_checkpoint()
+            if stopping:
+                bar.clear()
+                raise PreemptedError(
+                    f"stopped by SIGTERM after step {self.global_step} (epoch {epoch}, batch {self.batches_done}/"
+                    f"{self.num_batches}) and wrote {self.checkpoints.path_for(self.global_step)}; start the job "
+                    "again to resume"
+                )
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - checkpoint_seconds
         bar.clear()
         self.train_seconds += seconds
         self.metrics.train_epoch(self.global_step, epoch, (self.samples_trained - samples_before) / seconds)
@@ -193,25 +235,73 @@ class Trainer:
             predictions = self.model(images.to(self.ctx.device)).argmax(dim=1).cpu()
         return digit_grid(data.denormalize(images), self.test_split.labels[:FIGURE_DIGITS], predictions)
 
+    def save_checkpoint(self) -> float:
+        """Every rank hands rank 0 its RNG streams; rank 0 writes. Returns the seconds it took
+        (kept out of the training throughput)."""
+        start = time.perf_counter()
+        rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
+        state = {**self.state_dict(), "rng": rng} if self.ctx.is_leader else {}
+        write = functools.partial(self.checkpoints.save, state, self.global_step, self.cfg.checkpoint.keep)
+        on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
+        return time.perf_counter() - start
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything about training so far that a checkpoint keeps (optimizer momentum included)."""
+        """Everything a resume needs but the RNG streams (which live on every rank)."""
+        recipe = resume_recipe(self.cfg)
         return {
+            "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "epoch": self.epoch,
+            "epochs_done": self.epochs_done,
+            "batches_done": self.batches_done,
             "global_step": self.global_step,
+            "samples_trained": self.samples_trained,
+            "train_seconds": self.train_seconds,
+            "resumes": self.resumes,
             "world_size": self.ctx.world_size,
+            "train_samples": len(self.train_split),
+            "recipe": recipe,
+            "recipe_digest": recipe_digest(recipe),
         }
+
+    def load_state_dict(self, state: dict[str, Any], name: str) -> None:
+        """Continue from a checkpoint (checked by resume.check_resumable on rank 0)."""
+        if state["train_samples"] != len(self.train_split):
+            raise ConfigError(
+                f"cannot resume from {name}: it trained on {state['train_samples']} samples but the data now has "
+                f"{len(self.train_split)}; point data.root at the data it was trained on, or start a new run"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epochs_done, self.batches_done = state["epochs_done"], state["batches_done"]
+        self.global_step, self.samples_trained = state["global_step"], state["samples_trained"]
+        self.train_seconds, self.resumes = state["train_seconds"], state.get("resumes", 0) + 1
+        self.resumed_from = (name, state["world_size"])
+        if state["world_size"] == self.ctx.world_size:
+            restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
+        else:
+            reseed_rank_streams_after_resize(self.cfg.seed, self.ctx.rank, self.global_step)
+            if self.ctx.is_leader:
+                self.log.warning(
+                    f"resuming a {state['world_size']}-rank checkpoint on {self.ctx.world_size} ranks: the rest of "
+                    "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
+                    "weights will not equal an uninterrupted run's bit for bit"
+                )
+        self.log.info(
+            f"Resuming from {name}: epoch {self.epochs_done + 1}, batch {self.batches_done}/{self.num_batches}, "
+            f"step {self.global_step}"
+        )
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         return {
             **result,
             "world_size": self.ctx.world_size,
-            "epochs": self.epoch,
+            "epochs": self.epochs_done,
             "global_step": self.global_step,
             "samples_trained": self.samples_trained,
             "train_seconds": self.train_seconds,
             "train_samples_per_second": self.samples_trained / self.train_seconds,
+            "resumes": self.resumes,
             "backend": self.ctx.backend,
             "device": self.ctx.device.type,
             "launcher": self.ctx.env.launcher,
@@ -224,20 +314,40 @@ def run_training(cfg: Config) -> dict[str, Any]:
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
     configure_determinism(cfg.deterministic)
-    with distributed(cfg.dist, env) as ctx:
+    with StopRequest() as stop, distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
             f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
+            + (f", restart {restarts}" if restarts != "0" else "")
         )
-        # Checked before the data step (which may download for minutes), created after it,
-        # so bad input never leaves a half-made run directory behind.
-        on_some_ranks(ctx, ctx.is_leader, "checking the run directory", lambda: check_run_dir_is_free(cfg.run_dir))
-        splits = prepare_data(cfg, ctx, log, splits=("train", "test"))
-        on_some_ranks(ctx, ctx.is_leader, "creating the run directory", lambda: create_run_dir(cfg))
-        summary = Trainer(cfg, ctx, splits).fit()
+        try:
+            summary = _train(cfg, ctx, log, stop)
+        except RuntimeError as e:
+            lost = peer_lost_error(e, cfg.dist.timeout_s)
+            if lost is None:
+                raise
+            raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def _train(cfg: Config, ctx: DistContext, log: logging.Logger, stop: StopRequest) -> dict[str, Any]:
+    # Decided before the data step (which may download for minutes) and written after it, so
+    # bad input never leaves a half-made or damaged run directory behind.
+    found: list[ResumeSource | None] = []
+    on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: found.append(find_resume_source(cfg, log)))
+    source = found[0] if found else None
+    raw = broadcast_bytes(ctx, source.data if source else None)
+    name = str(source.path) if source else "the checkpoint rank 0 chose"
+    state = loads_weights_only(raw, name) if raw else None
+    splits = prepare_data(cfg, ctx, log, splits=("train", "test"))
+    trainer = Trainer(cfg, ctx, splits)
+    if state is not None:
+        trainer.load_state_dict(state, name)
+    on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", lambda: prepare_run_dir(cfg, state is not None))
+    return trainer.fit(stop)
 
 
 def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:

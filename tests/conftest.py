@@ -39,10 +39,10 @@ def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(torch.uint8), labels.to(torch.uint8)
 
 
-def make_tiny_mnist(root: Path) -> Path:
+def make_tiny_mnist(root: Path, train: int = TINY_TRAIN, test: int = TINY_TEST) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", TINY_TRAIN, 0), ("t10k", TINY_TEST, 1)):
+    for prefix, n, seed in (("train", train, 0), ("t10k", test, 1)):
         images, labels = synthetic_digits(n, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)

@@ -52,9 +52,10 @@ def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     state = load_state(run_dir / "model.pt")
     assert set(state) == set(Net().state_dict()), "model.pt is the plain model's state_dict (no 'module.')"
     checkpoints = sorted((run_dir / "checkpoints").iterdir())
-    assert [p.name for p in checkpoints] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert [p.name for p in checkpoints] == ["step-000000008.pt", "step-000000016.pt"], "one per epoch end"
     last = torch.load(checkpoints[-1], weights_only=True)
-    assert last["epoch"] == 2 and last["global_step"] == summary["global_step"] and last["world_size"] == 2
+    assert (last["epochs_done"], last["batches_done"]) == (2, 0)
+    assert last["global_step"] == summary["global_step"] and last["world_size"] == 2
     assert last["optimizer"]["state"], "optimizer momentum must be in the checkpoint"
     assert all(torch.equal(last["model"][k], state[k]) for k in state)
 
@@ -136,9 +137,9 @@ def test_the_trainer_reshuffles_every_epoch(tiny_root, tmp_path, monkeypatch):
     orders = []
     original = data.train_batches
 
-    def recording(split, sampler, rank_batch_size):
+    def recording(split, sampler, rank_batch_size, skip=0):
         orders.append(list(sampler))
-        return original(split, sampler, rank_batch_size)
+        return original(split, sampler, rank_batch_size, skip)
 
     monkeypatch.setattr(data, "train_batches", recording)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
@@ -219,7 +220,7 @@ def test_a_non_empty_run_directory_is_left_alone(tiny_root, tmp_path):
     run_dir.mkdir()
     (run_dir / "model.pt").write_bytes(b"precious")
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir)])
-    assert_one_line_error(result, f"run directory {run_dir} is not empty (holds model.pt)")
+    assert_one_line_error(result, f"run directory {run_dir} holds results (model.pt) but no checkpoint to resume")
     assert [p.name for p in run_dir.iterdir()] == ["model.pt"]
     assert (run_dir / "model.pt").read_bytes() == b"precious"
 
@@ -287,7 +288,7 @@ def test_threads_default_to_cores_per_local_process():
 def test_evaluate_reads_training_checkpoints_too(w2_run, tiny_root, tmp_path):
     run_dir, _ = w2_run
     overrides = tiny_overrides(tiny_root, tmp_path / "unused")
-    result = run_job(["evaluate", "--checkpoint", str(run_dir / "checkpoints/epoch-0002.pt"), *overrides])
+    result = run_job(["evaluate", "--checkpoint", str(run_dir / "checkpoints/step-000000016.pt"), *overrides])
     assert_ok(result)
     assert json.loads(result.stdout.strip().splitlines()[-1])["correct"] == read_summary(run_dir)["correct"]
 

@@ -1,0 +1,53 @@
+"""SIGTERM (pod deletion, node preemption, torchrun shutting its workers down): stop cleanly.
+
+While training, the handler only raises a flag; the ranks agree on it at every step
+boundary (an all-reduce started with the step, so it overlaps the step's work), then
+all of them stop after the same step, rank 0 writes a checkpoint, and every rank
+exits with EXIT_PREEMPTED. Before training starts there is nothing to save, so the
+signal stops the process at once.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from job.dist import DistContext
+from job.errors import PreemptedError
+
+
+class StopRequest:
+    """Whether this rank was asked to stop, installed as the SIGTERM handler for its lifetime."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self.training = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
+        if not self.training:
+            raise PreemptedError("stopped by SIGTERM before training began; nothing to checkpoint yet")
+
+
+class StopVote:
+    """One step's question "did any rank get SIGTERM?", asked when the step starts, read when it ends."""
+
+    def __init__(self, ctx: DistContext, request: StopRequest) -> None:
+        self._flag = torch.tensor([1.0 if request.received else 0.0])
+        # The CPU control group: on NCCL a CUDA flag would force a device sync every step.
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=ctx.control_group, async_op=True)
+
+    def any_rank_stopping(self) -> bool:
+        self._work.wait()
+        return bool(self._flag.item())
