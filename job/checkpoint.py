@@ -87,7 +87,7 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
         if "GLOBAL" in reason:
             raise JobError(f"checkpoint {name} is not a weights-only file and was not loaded ({reason})") from None
         raise JobError(f"checkpoint {name} is truncated or corrupt ({reason})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise JobError(f"checkpoint {name} is truncated or corrupt ({message_line(e)})") from None
 
 

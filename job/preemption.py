@@ -3,8 +3,9 @@
 While training, the handler only raises a flag; the ranks agree on it at every step
 boundary (an all-reduce started with the step, so it overlaps the step's work), then
 all of them stop after the same step, rank 0 writes a checkpoint, and every rank
-exits with EXIT_PREEMPTED. Before training starts there is nothing to save, so the
-signal stops the process at once.
+exits with EXIT_PREEMPTED. Before training starts there is nothing to save and the
+default action (terminate) stays: a Python handler would not even run while the
+process waits inside a C++ rendezvous, and everything written so far is atomic.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ import torch
 import torch.distributed as dist
 
 from job.dist import DistContext
-from job.errors import PreemptedError
 
 
 class StopRequest:
-    """Whether this rank was asked to stop, installed as the SIGTERM handler for its lifetime."""
+    """Whether this rank was asked to stop: the SIGTERM handler while training runs."""
 
     def __init__(self) -> None:
         self.received = False
-        self.training = False
         self._previous = None
 
     def __enter__(self) -> StopRequest:
@@ -36,8 +35,6 @@ class StopRequest:
 
     def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
         self.received = True
-        if not self.training:
-            raise PreemptedError("stopped by SIGTERM before training began; nothing to checkpoint yet")
 
 
 class StopVote:

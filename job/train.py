@@ -144,21 +144,21 @@ class Trainer:
         self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
 
-    def fit(self, stop: StopRequest) -> dict[str, Any]:
+    def fit(self) -> dict[str, Any]:
         if self.ctx.is_leader:
             self.metrics = Metrics(self.run_dir, start_step=self.global_step)
             if self.resumed_from:
                 name, world_size = self.resumed_from
                 self.metrics.resume(self.global_step, self.epochs_done + 1, name, self.ctx.world_size, world_size)
         try:
-            stop.training = True
             result = None
-            while self.epochs_done < self.cfg.train.epochs:
-                epoch = self.epochs_done + 1
-                self.train_epoch(epoch, stop)
-                self.epochs_done, self.batches_done = epoch, 0
-                result = self.test(epoch)
-                self.save_checkpoint()
+            with StopRequest() as stop:
+                while self.epochs_done < self.cfg.train.epochs:
+                    epoch = self.epochs_done + 1
+                    self.train_epoch(epoch, stop)
+                    self.epochs_done, self.batches_done = epoch, 0
+                    result = self.test(epoch)
+                    self.save_checkpoint()
             if result is None:  # resumed a run that had finished its epochs: figures for the summary
                 self.log.info(f"All {self.epochs_done} epochs were trained already: writing the final results")
                 result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
@@ -202,11 +202,12 @@ class Trainer:
                 )
                 examples_seen = (epoch - 1) * dataset_size + done
                 self.metrics.train_step(self.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
-            stopping = vote.any_rank_stopping()
+            stopping = vote.any_rank_stopping()  # all ranks get the same answer after the same step
             if stopping or (every and self.global_step % every == 0 and self.batches_done < self.num_batches):
                 checkpoint_seconds += self.save_checkpoint()
             if stopping:
                 bar.clear()
+                self.log.warning(f"SIGTERM: stopping after step {self.global_step}, checkpoint written")
                 raise PreemptedError(
                     f"stopped by SIGTERM after step {self.global_step} (epoch {epoch}, batch {self.batches_done}/"
                     f"{self.num_batches}) and wrote {self.checkpoints.path_for(self.global_step)}; start the job "
@@ -314,7 +315,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
     configure_determinism(cfg.deterministic)
-    with StopRequest() as stop, distributed(cfg.dist, env) as ctx:
+    with distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
@@ -323,7 +324,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             + (f", restart {restarts}" if restarts != "0" else "")
         )
         try:
-            summary = _train(cfg, ctx, log, stop)
+            summary = _train(cfg, ctx, log)
         except RuntimeError as e:
             lost = peer_lost_error(e, cfg.dist.timeout_s)
             if lost is None:
@@ -333,7 +334,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         return summary
 
 
-def _train(cfg: Config, ctx: DistContext, log: logging.Logger, stop: StopRequest) -> dict[str, Any]:
+def _train(cfg: Config, ctx: DistContext, log: logging.Logger) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
     found: list[ResumeSource | None] = []
@@ -347,7 +348,7 @@ def _train(cfg: Config, ctx: DistContext, log: logging.Logger, stop: StopRequest
     if state is not None:
         trainer.load_state_dict(state, name)
     on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", lambda: prepare_run_dir(cfg, state is not None))
-    return trainer.fit(stop)
+    return trainer.fit()
 
 
 def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:

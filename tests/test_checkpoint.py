@@ -7,7 +7,14 @@ import os
 import pytest
 import torch
 
-from job.checkpoint import atomic_save, atomic_write_text, load_weights_only, model_state_from
+from job.checkpoint import (
+    CheckpointDir,
+    atomic_save,
+    atomic_write_text,
+    load_weights_only,
+    loads_weights_only,
+    model_state_from,
+)
 from job.errors import JobError
 
 
@@ -54,8 +61,12 @@ def test_pickles_with_code_are_refused(tmp_path):
 
 def test_truncated_and_garbage_files_are_refused(tmp_path):
     path = tmp_path / "m.pt"
-    atomic_save({"w": torch.ones(1000)}, path)
-    path.write_bytes(path.read_bytes()[:500])
+    atomic_save({"w": torch.ones(1000), "step": 3}, path)
+    whole = path.read_bytes()
+    for cut in (10, 500, len(whole) // 2, len(whole) - 10):
+        with pytest.raises(JobError, match="truncated or corrupt"):
+            loads_weights_only(whole[:cut], "m.pt")
+    path.write_bytes(whole[:500])
     with pytest.raises(JobError, match="truncated or corrupt"):
         load_weights_only(path)
     path.write_bytes(b"not a checkpoint at all")
@@ -71,3 +82,28 @@ def test_model_state_from_model_file_or_checkpoint(tmp_path):
     assert model_state_from({"model": state, "epoch": 3}, "c.pt") is state
     with pytest.raises(JobError, match="holds no model state_dict"):
         model_state_from({"epoch": 3}, "c.pt")
+
+
+def test_checkpoint_dir_keeps_the_newest_and_ignores_other_files(tmp_path):
+    checkpoints = CheckpointDir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for step in (5, 100, 20, 7):
+        checkpoints.save({"step": step}, step, keep=3)
+    assert [p.name for p in checkpoints.files()] == ["step-000000007.pt", "step-000000020.pt", "step-000000100.pt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / ".step-000000101.pt.abc.tmp").write_bytes(b"half")
+    checkpoints.remove_partial_writes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", *[p.name for p in checkpoints.files()]]
+
+
+def test_a_full_disk_fails_the_checkpoint_in_one_line_and_keeps_the_others(tmp_path, monkeypatch):
+    checkpoints = CheckpointDir(tmp_path)
+    checkpoints.save({"step": 1}, 1, keep=3)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(JobError, match=r"cannot write checkpoint .*step-000000002.pt \(No space left on device\)"):
+        checkpoints.save({"step": 2}, 2, keep=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["step-000000001.pt"]

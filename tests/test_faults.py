@@ -1,0 +1,203 @@
+"""Real faults on real processes: SIGKILL of the whole job or of one worker, SIGTERM, a hung
+and a dead peer. Each run is killed once a mid-epoch checkpoint exists, and must end with
+the bits of the uninterrupted run (or, for a lost peer, end quickly with one clear line).
+
+The data is generated: 3200 samples, 50 steps per epoch, a checkpoint every 10 steps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import BIN, assert_ok, clean_env, make_tiny_mnist, run_job, tiny_overrides
+from test_resume import assert_same_weights, checkpoint
+
+from job.errors import EXIT_PREEMPTED
+
+STEPS_PER_EPOCH = 50
+
+
+@pytest.fixture(scope="module")
+def medium_root(tmp_path_factory):
+    return make_tiny_mnist(tmp_path_factory.mktemp("medium") / "data", train=STEPS_PER_EPOCH * 64)
+
+
+def train_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", *tiny_overrides(root, run_dir, "checkpoint.every_steps=10", "train.log_interval=5", *extra)]
+
+
+@pytest.fixture(scope="module")
+def reference(medium_root, tmp_path_factory):
+    """The uninterrupted 2-rank run, and the 1-process one."""
+    runs = {}
+    for nproc in (2, None):
+        runs[nproc] = tmp_path_factory.mktemp("reference") / "run"
+        assert_ok(run_job(train_args(medium_root, runs[nproc]), nproc=nproc))
+    return runs
+
+
+def torchrun(nproc: int, *flags: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), *flags, "-m", "job"]
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A job in its own process group (so a test can kill all of it), output to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            cmd, env=env or clean_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for_checkpoint(run_dir: Path, step: int, procs: list[subprocess.Popen], log: Path) -> None:
+    """Until a checkpoint at `step` or later exists (the job still running)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        steps = [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
+        if steps and max(steps) >= step:
+            return
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"the job ended before step {step}:\n{log.read_text()}")
+        time.sleep(0.02)
+    pytest.fail(f"no checkpoint at step {step} within 240 s:\n{log.read_text()}")
+
+
+def resumed_step(output: str) -> int:
+    match = re.search(r"Resuming from \S+step-(\d+)\.pt", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def test_a_killed_job_started_again_ends_with_the_uninterrupted_bits(medium_root, reference, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    job = start([*torchrun(2), *train_args(medium_root, run_dir)], log)
+    wait_for_checkpoint(run_dir, 20, [job], log)
+    os.killpg(job.pid, signal.SIGKILL)  # the node is gone: launcher and workers at once
+    job.wait()
+
+    again = run_job(train_args(medium_root, run_dir), nproc=2)
+    assert_ok(again)
+    assert resumed_step(again.stdout) >= 20
+    assert_same_weights(run_dir, reference[2])
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_keeps_its_bits(medium_root, reference, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    job = start([*torchrun(2, "--max-restarts", "2"), *train_args(medium_root, run_dir)], log, env)
+    wait_for_checkpoint(run_dir, 20, [job], log)
+    workers = psutil.Process(job.pid).children()
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)  # OOM killer style: one worker, no warning
+
+    assert job.wait(timeout=300) == 0, log.read_text()
+    output = log.read_text()
+    assert "restart 1" in output and resumed_step(output) >= 20
+    assert_same_weights(run_dir, reference[2])
+
+
+def test_sigterm_stops_every_rank_after_one_step_with_a_checkpoint(medium_root, reference, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    job = start([*torchrun(2), *train_args(medium_root, run_dir)], log)
+    wait_for_checkpoint(run_dir, 20, [job], log)
+    signalled = time.monotonic()
+    job.send_signal(signal.SIGTERM)  # as the kubelet does: to the container's first process, torchrun
+    job.wait(timeout=60)
+    assert time.monotonic() - signalled < 30, "SIGTERM must stop the job promptly"
+
+    output = log.read_text()
+    stops = {int(step) for step in re.findall(r"\[rank [01]\] SIGTERM: stopping after step (\d+)", output)}
+    assert len(stops) == 1, f"all ranks stop after the same step:\n{output}"
+    (step,) = stops
+    assert output.count(f"SIGTERM: stopping after step {step}") == 2
+    assert f"error: stopped by SIGTERM after step {step}" in output
+    assert checkpoint(run_dir, step).is_file()
+
+    again = run_job(train_args(medium_root, run_dir), nproc=2)
+    assert_ok(again)
+    assert resumed_step(again.stdout) == step
+    assert_same_weights(run_dir, reference[2])
+
+
+def test_sigterm_exit_code_tells_preemption_apart(medium_root, reference, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir)], log)
+    wait_for_checkpoint(run_dir, 20, [job], log)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == EXIT_PREEMPTED == 75, log.read_text()
+    errors = [line for line in log.read_text().splitlines() if "error:" in line]
+    assert len(errors) == 1 and "start the job again to resume" in errors[0]
+    assert "Traceback" not in log.read_text()
+
+    assert_ok(run_job(train_args(medium_root, run_dir)))
+    assert_same_weights(run_dir, reference[None])
+
+
+def test_sigterm_before_training_stops_at_once(tmp_path):
+    """Waiting in the rendezvous for a rank that never comes (C++ code, where a Python handler
+    would never run): nothing to save, so SIGTERM keeps its default action and ends it now."""
+    env = clean_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    log = tmp_path / "log"
+    job = start([sys.executable, "-m", "job", "train", f"run.dir={tmp_path / 'run'}"], log, env)
+    time.sleep(10)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == -signal.SIGTERM, log.read_text()
+    assert not (tmp_path / "run").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_by_hand(root: Path, run_dir: Path, tmp_path: Path, timeout_s: int) -> list[tuple[subprocess.Popen, Path]]:
+    """Two ranks started directly with the env:// variables (no launcher to notice a failure):
+    what each rank does on its own when its peer hangs or dies."""
+    port = str(free_port())
+    ranks = []
+    for rank in range(2):
+        env = clean_env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        log = tmp_path / f"rank{rank}.log"
+        cmd = [sys.executable, "-m", "job", *train_args(root, run_dir, f"dist.timeout_s={timeout_s}")]
+        ranks.append((start(cmd, log, env), log))
+    return ranks
+
+
+@pytest.mark.parametrize(
+    ("fault", "timeout_s", "message"),
+    [
+        (signal.SIGSTOP, 5, "[rank 0] error: a peer rank stopped answering: no reply within dist.timeout_s=5 s"),
+        (signal.SIGKILL, 120, "[rank 0] error: a peer rank died ("),
+    ],
+    ids=["hung", "dead"],
+)
+def test_a_lost_peer_ends_the_job_within_the_timeout_naming_the_cause(medium_root, tmp_path, fault, timeout_s, message):
+    run_dir = tmp_path / "run"
+    (rank0, log0), (rank1, log1) = launch_by_hand(medium_root, run_dir, tmp_path, timeout_s)
+    try:
+        wait_for_checkpoint(run_dir, 10, [rank0, rank1], log0)
+        faulted = time.monotonic()
+        rank1.send_signal(fault)
+        assert rank0.wait(timeout=timeout_s + 60) == 1, log0.read_text()
+        waited = time.monotonic() - faulted
+        assert waited < min(timeout_s, 10) + 20, f"rank 0 took {waited:.0f} s to give up"
+        errors = [line for line in log0.read_text().splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].startswith(message), log0.read_text()
+        assert "Traceback" not in log0.read_text()
+    finally:
+        for proc in (rank0, rank1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

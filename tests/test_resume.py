@@ -1,0 +1,231 @@
+"""Resume: from any checkpoint (mid-epoch too) a run ends with the bits of an uninterrupted run.
+
+One uninterrupted 2-rank run keeps all its checkpoints (every 3 steps and at both
+epoch ends: steps 3, 6, 8, 9, 12, 15, 16); the tests resume from them, damage them,
+and change the config under them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_TRAIN, assert_ok, assert_one_line_error, load_state, read_summary, run_job, tiny_overrides
+
+from job import data
+from job.resume import recipe_digest
+
+CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
+STEPS = [3, 6, 8, 9, 12, 15, 16]
+
+
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:09d}.pt"
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    ours, theirs = load_state(run_dir / "model.pt"), load_state(reference / "model.pt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` with its sha256: what 'left as it was' means."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:
+    """The reference run directory as a kill right after `last_step`'s checkpoint leaves it: newer
+    checkpoints and the results missing, metrics logged past the checkpoint, a half-written file."""
+    shutil.copytree(reference, dest)
+    for step in STEPS:
+        if step > last_step:
+            checkpoint(dest, step).unlink()
+    (dest / "model.pt").unlink()
+    (dest / "summary.json").unlink()
+    (dest / "checkpoints" / f".step-{last_step + 1:09d}.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2))
+    return run_dir
+
+
+def test_checkpoints_hold_everything_a_resume_needs(reference):
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [f"step-{s:09d}.pt" for s in STEPS]
+    state = torch.load(checkpoint(reference, 9), weights_only=True)
+    assert (state["epochs_done"], state["batches_done"], state["global_step"]) == (1, 1, 9), "batch 1 of epoch 2"
+    assert state["world_size"] == 2 and state["train_samples"] == TINY_TRAIN
+    assert state["samples_trained"] == 9 * 64
+    assert state["recipe"] == {
+        "seed": 1,
+        "data.global_batch_size": 64,
+        "data.train_limit": None,
+        "model.dropout": 0.5,
+        "optim.lr": 0.05,
+        "optim.momentum": 0.5,
+    }
+    assert state["recipe_digest"] == recipe_digest(state["recipe"])
+    assert all("momentum_buffer" in s for s in state["optimizer"]["state"].values()), "optimizer state is kept"
+    rng = state["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"]), "each rank's own dropout stream"
+    assert {"cpu", "python"} <= set(rng[0])
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tiny_root, run_dir, "checkpoint.every_steps=3", "checkpoint.keep=2", "train.epochs=1")
+    assert_ok(run_job(["train", *overrides]))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000006.pt", "step-000000008.pt"]
+
+
+@pytest.mark.parametrize("step", [6, 8, 15], ids=["mid-epoch-1", "epoch-end", "mid-epoch-2"])
+def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, tiny_root, tmp_path, step):
+    run_dir = tmp_path / "run"
+    start = f"train.resume={checkpoint(reference, step)}"
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, start)], nproc=2)
+    assert_ok(result)
+    assert f"Resuming from {checkpoint(reference, step)}" in result.stdout
+    assert_same_weights(run_dir, reference)
+    summary = read_summary(run_dir)
+    assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
+
+
+def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path):
+    run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
+    assert_ok(result)
+    assert f"Resuming from {checkpoint(run_dir, 9)}: epoch 2, batch 1/8, step 9" in result.stdout
+    assert_same_weights(run_dir, reference)
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the interrupted write's temp file is removed"
+
+    def events(path: Path, kind: str) -> list[tuple]:
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [(e["step"], e.get("loss"), e.get("test_loss")) for e in lines if e["event"] == kind]
+
+    for kind in ("train", "test"):
+        assert events(run_dir, kind) == events(reference, kind), f"{kind} events as in one uninterrupted run"
+    assert [step for step, *_ in events(run_dir, "resume")] == [9]
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tiny_root, tmp_path):
+    run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
+    newest = checkpoint(run_dir, 9)
+    newest.write_bytes(newest.read_bytes()[:5000])
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
+    assert_ok(result)
+    assert "skipping checkpoint step-000000009.pt: checkpoint" in result.stderr
+    assert "is truncated or corrupt" in result.stderr
+    assert f"Resuming from {checkpoint(run_dir, 8)}" in result.stdout
+    assert_same_weights(run_dir, reference)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_root, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED_MARKER", str(marker))
+    run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
+    torch.save({"model": _Exploit()}, checkpoint(run_dir, 12))
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
+    assert_ok(result)
+    assert "skipping checkpoint step-000000012.pt: checkpoint" in result.stderr
+    assert "is not a weights-only file and was not loaded" in result.stderr
+    assert not marker.exists(), "the pickle's code ran"
+    assert_same_weights(run_dir, reference)
+
+
+def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny_root, tmp_path):
+    run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
+    for step in (3, 6, 8, 9):
+        checkpoint(run_dir, step).write_bytes(b"garbage")
+    before = snapshot(run_dir)
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)])
+    assert_one_line_error(result, "none of the 4 checkpoint(s) in", "nothing was deleted")
+    assert result.stderr.count("skipping checkpoint") == 4
+    assert snapshot(run_dir) == before
+
+
+def test_a_model_file_is_not_a_checkpoint_to_resume(reference, tiny_root, tmp_path):
+    start = f"train.resume={reference / 'model.pt'}"
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", start)])
+    assert_one_line_error(result, "is not a training checkpoint of this job", "a model.pt holds weights only")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_change_that_breaks_resume_is_refused(reference, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = snapshot(run_dir)
+    changed = ("optim.lr=0.02", "data.global_batch_size=32", "train.epochs=3")
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, *changed)])
+    assert_one_line_error(
+        result, "cannot resume from", "data.global_batch_size 64 -> 32, optim.lr 0.05 -> 0.02", "run.name=<new name>"
+    )
+    assert snapshot(run_dir) == before
+
+
+def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+
+    again = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)])
+    assert_ok(again)  # a restart after the last checkpoint: nothing left to train, results rewritten
+    assert "All 2 epochs were trained already" in again.stdout
+    assert_same_weights(run_dir, reference)
+
+    fewer = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, "train.epochs=1")])
+    assert_one_line_error(fewer, "it has trained into epoch 2 but train.epochs=1", "set train.epochs >= 2")
+
+    more = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, "train.epochs=3")], nproc=2)
+    assert_ok(more)
+    straight = tmp_path / "straight"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, straight, *CHECKPOINTING, "train.epochs=3")], nproc=2))
+    assert_same_weights(run_dir, straight)
+    assert read_summary(run_dir)["global_step"] == 24
+
+
+def test_resuming_at_another_world_size_warns_and_finishes_the_epoch(reference, tiny_root, tmp_path):
+    run_dir = tmp_path / "run"
+    start = f"train.resume={checkpoint(reference, 6)}"
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, start)])
+    assert_ok(result)
+    assert "resuming a 2-rank checkpoint on 1 ranks" in result.stderr
+    summary = read_summary(run_dir)
+    assert (summary["global_step"], summary["samples_trained"]) == (16, 2 * TINY_TRAIN)
+    assert summary["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("old_world", [1, 2, 4])
+@pytest.mark.parametrize("new_world", [1, 2, 4])
+def test_skipped_batches_are_exactly_the_seen_samples_at_any_world_size(old_world, new_world):
+    """The first k global batches are the same samples whatever the world size, so a resume at
+    another size trains every sample of the epoch exactly once."""
+    n, global_batch, k = 640, 64, 3
+    split = data.Split(images=torch.arange(n), labels=torch.arange(n))  # each "image" is its own index
+
+    def walked(world: int, skip: int, count: int | None) -> list[int]:
+        seen = []
+        for rank in range(world):
+            sampler = data.train_sampler(n, rank, world, seed=1)
+            sampler.set_epoch(2)
+            batches = list(data.train_batches(split, sampler, global_batch // world, skip=skip))
+            seen += [i for images, _ in batches[:count] for i in images.tolist()]
+        return seen
+
+    before, after = walked(old_world, 0, k), walked(new_world, k, None)
+    assert len(before) == k * global_batch and len(after) == n - k * global_batch
+    assert sorted(before + after) == list(range(n))
