@@ -159,10 +159,12 @@ def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny
     assert snapshot(run_dir) == before
 
 
-def test_a_model_file_is_not_a_checkpoint_to_resume(reference, tiny_root, tmp_path):
+def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_path):
     start = f"train.resume={reference / 'model.pt'}"
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", start)])
     assert_one_line_error(result, "is not a training checkpoint of this job", "a model.pt holds weights only")
+    missing = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "train.resume=nope.pt")])
+    assert_one_line_error(missing, "train.resume=nope.pt does not exist; pass a checkpoint file, or auto / never")
     assert not (tmp_path / "run").exists()
 
 
