@@ -14,13 +14,15 @@ THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$
 ACCELERATE_CONFIG ?= $(if $(shell nvidia-smi -L 2>/dev/null),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
 # Worker failures torchrun absorbs by restarting the group, which resumes from the newest checkpoint.
 MAX_RESTARTS ?= 3
+# Random SIGKILLs `make chaos` deals to a training run (whole job or one worker, at random).
+KILLS ?= 5
 # Extra KEY=VALUE config overrides, e.g. make train-local ARGS="train.epochs=1 run.name=try"
 ARGS ?=
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate test lint format clean distclean
+.PHONY: help setup data config train-local train-accelerate chaos test lint format clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -53,6 +55,9 @@ train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG fr
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
 		-m job train --config $(CONFIG) $(ARGS)
+
+chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check it ends bit-identical
+	$(PY) tests/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
 
 test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)
 	$(PY) -m pytest $(PYTEST_ARGS)
