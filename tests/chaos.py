@@ -3,11 +3,12 @@
     python tests/chaos.py [--kills 5] [--seed S] [--nproc 2] [--config FILE] [KEY=VALUE ...]
 
 1. Trains once without interruption (the reference).
-2. Trains again under `torchrun --max-restarts`. Each time the run has made progress (a
-   new checkpoint), it waits a random moment more (a step, an evaluation, a checkpoint
-   being written...) and SIGKILLs either the whole job (a lost node; the script starts
-   the same command again, as a Job controller would) or one worker (an OOM kill;
-   torchrun restarts the group).
+2. Trains again under `torchrun --max-restarts`, with kills aimed at random steps spread
+   over the whole run: once the run has made progress past the aimed step (a new
+   checkpoint), it waits a random moment more (a step, an evaluation, a checkpoint being
+   written...) and SIGKILLs either the whole job (a lost node; the script starts the same
+   command again, as a Job controller would) or one worker (an OOM kill; torchrun
+   restarts the group).
 3. Checks that the interrupted run's model.pt equals the reference's, tensor for tensor.
 
 Exit status 0 only when every kill landed while the job was training and the weights
@@ -58,9 +59,10 @@ def main() -> int:
 
     final_step = json.loads((args.work / "reference/summary.json").read_text())["global_step"]
     checkpoints = args.work / "chaos/checkpoints"
+    aims = sorted(rng.uniform(0, 0.9 * final_step) for _ in range(args.kills))  # 0.9: leave checkpoints to aim at
     landed, attempt, newest, job = 0, 0, 0, launch(args, "chaos-0", restarts=args.kills)
     while landed < args.kills:
-        newest = wait_for_checkpoint(job, checkpoints, after=newest, before=final_step)
+        newest = wait_for_checkpoint(job, checkpoints, after=max(newest, aims[landed] - 1), before=final_step)
         delay = rng.uniform(0, args.max_delay)
         kind = rng.choice(["job", "worker"])
         if newest is None or not wait_running(job, delay):
@@ -71,7 +73,8 @@ def main() -> int:
         if not kill(job, kind, rng):
             continue
         landed += 1
-        print(f"kill {landed}: {kind:6s} {delay:3.1f} s after the checkpoint at step {newest}")
+        aimed = f"aimed at {aims[landed - 1]:.0f}"
+        print(f"kill {landed}: {kind:6s} {delay:3.1f} s after the checkpoint at step {newest} ({aimed})")
         if kind == "job":
             job.wait()
             attempt += 1
@@ -109,8 +112,8 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 def wait_for_checkpoint(job: subprocess.Popen, directory: Path, after: int, before: int) -> int | None:
-    """The step of a checkpoint newer than `after` (and before the final one) once it exists;
-    None if the job ends first."""
+    """The step of a checkpoint past `after` (and before the final one) once it exists; None if
+    the job ends first."""
     while job.poll() is None:
         fresh = [step for step in checkpoint_steps(directory) if after < step < before]
         if fresh:
