@@ -1,10 +1,16 @@
-"""The seed tutorial's CNN: two conv layers, two linear layers, dropout (about 3 MFLOP/sample)."""
+"""The seed tutorial's CNN: two conv layers, two linear layers, dropout (about 3 MFLOP/sample),
+and loading its saved weights."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from job.checkpoint import load_weights_only, model_state_from
+from job.errors import JobError, message_line
 
 
 class Net(nn.Module):
@@ -26,3 +32,17 @@ class Net(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.dropout(x, p=self.dropout, training=self.training)
         return F.log_softmax(self.fc2(x), dim=1)
+
+
+def load_model(checkpoint: str | Path, dropout: float = 0.5) -> Net:
+    """The net with the weights of a model.pt or a training checkpoint, in eval mode.
+
+    Loads weights only (never code); a file of another shape of model is one clear error.
+    """
+    state = model_state_from(load_weights_only(checkpoint), checkpoint)
+    model = Net(dropout=dropout)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # the last line names the first mismatching key and shapes
+        raise JobError(f"checkpoint {checkpoint} does not fit the model: {message_line(e, last=True)}") from None
+    return model.eval()

@@ -21,9 +21,7 @@ from job.checkpoint import (
     atomic_save,
     atomic_write_json,
     atomic_write_text,
-    load_weights_only,
     loads_weights_only,
-    model_state_from,
 )
 from job.config import Config, dump_config, rank_batch_size, resume_recipe
 from job.console import ProgressBar, get_logger, setup_logging
@@ -37,9 +35,9 @@ from job.dist import (
     peer_lost_error,
     read_launch_env,
 )
-from job.errors import ConfigError, JobError, PreemptedError, message_line
+from job.errors import ConfigError, JobError, PreemptedError
 from job.metrics import Metrics, NullMetrics, digit_grid
-from job.model import Net
+from job.model import Net, load_model
 from job.preemption import StopRequest, StopVote
 from job.resume import CHECKPOINT_FORMAT, ResumeSource, checkpoint_dir, find_resume_source, recipe_digest
 from job.seeding import (
@@ -354,12 +352,7 @@ def _train(cfg: Config, ctx: DistContext, log: logging.Logger) -> dict[str, Any]
 def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """`python -m job evaluate`: exact test figures of a saved model, at any world size."""
     env = read_launch_env()
-    state = model_state_from(load_weights_only(checkpoint), checkpoint)
-    model = Net(dropout=cfg.model.dropout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:  # the last line names the first mismatching key and shapes
-        raise JobError(f"checkpoint {checkpoint} does not fit the model: {message_line(e, last=True)}") from None
+    model = load_model(checkpoint, dropout=cfg.model.dropout)
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)
