@@ -1,4 +1,4 @@
-"""`python -m job <command>`: train | evaluate | data | config.
+"""`python -m job <command>`: train | evaluate | predict | plot | export | data | config.
 
 Bad input never shows a traceback: it is one line on stderr and a non-zero exit code
 (2 for bad input; job/errors.py lists the others).
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
+    predict = commands.add_parser("predict", help="read the digit in each image file (PNG, JPEG; any size)")
+    predict.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line, with all 10 probabilities")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
+    predict.set_defaults(func=_predict)
+
     fetch = commands.add_parser("data", help="fetch and verify MNIST")
     fetch.add_argument("--root", help="data directory (default: data.root of the default config)")
     fetch.set_defaults(func=_data)
@@ -67,6 +73,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if _env_int("RANK") == 0:
         print(json.dumps(result), flush=True)
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from job.predict import run_predict
+
+    failed = run_predict(args.checkpoint, args.images, as_json=args.json)
+    return EXIT_BAD_INPUT if failed else 0
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -1,0 +1,164 @@
+"""`python -m job predict`: read digits from image files, prepared the way MNIST's digits were.
+
+MNIST's digits are light ink on black, their ink fitted into 20x20 pixels (aspect kept,
+anti-aliased) and placed in 28x28 so that the centre of mass is the centre. The net has
+only ever seen that, so a photo or a scan is brought into the same form before it is read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from job.data import normalize
+from job.errors import message_line
+from job.model import load_model
+
+FIELD, BOX = 28, 20
+"""MNIST's image size and the box its digits' ink was fitted into."""
+
+INK_THRESHOLD = 0.2
+"""Share of the strongest ink above which a pixel counts as ink when cropping: paper grain and
+shadows stay outside the crop."""
+
+
+class ImageFileError(Exception):
+    """One image cannot be read; the others are still predicted."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    file: str
+    digit: int
+    probability: float
+    probabilities: list[float]
+
+    def line(self) -> str:
+        return f"{self.file}: {self.digit} (probability {self.probability:.4f})"
+
+    def json(self) -> str:
+        return json.dumps(
+            {
+                "file": self.file,
+                "digit": self.digit,
+                "probability": self.probability,
+                "probabilities": self.probabilities,
+            }
+        )
+
+
+def read_grey(path: str | Path) -> np.ndarray:
+    """The image as float grey levels (any size, colour or grey, 8 or 16 bits); unreadable files raise."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: a truncated file fails here, not later
+            image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
+            return _grey(image)
+    except FileNotFoundError:
+        raise ImageFileError(f"{path} does not exist; pass the path of a PNG or JPEG image") from None
+    except PermissionError:
+        raise ImageFileError(f"{path} cannot be read (permission denied); check the file's permissions") from None
+    except IsADirectoryError:
+        raise ImageFileError(f"{path} is a directory; pass the path of a PNG or JPEG image") from None
+    except UnidentifiedImageError:
+        raise ImageFileError(f"{path} is not an image Pillow can read; pass a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # Pillow reports damaged files as OSError ("image file is truncated"), SyntaxError or ValueError.
+        raise ImageFileError(f"{path} is damaged or unreadable ({message_line(e)}); pass an intact image") from None
+
+
+def _grey(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: keep the depth
+        pixels = np.asarray(image, dtype=np.float32)
+    else:
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            # Transparent pixels have an arbitrary colour (often black): put the drawing on white paper.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        pixels = np.asarray(image.convert("L"), dtype=np.float32)
+    return pixels
+
+
+def mnist_like(grey: np.ndarray) -> np.ndarray:
+    """Grey levels -> 28x28 uint8, light ink on black, as MNIST's digits were made."""
+    low, high = grey.min(), grey.max()
+    if high <= low:
+        raise ImageFileError("the image is one flat colour, no digit in it")
+    grey = (grey - low) / (high - low)  # any bit depth, any exposure: the darkest is 0, the lightest 1
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    background = float(np.median(border))
+    if background > 0.5:  # dark ink on light paper: MNIST's ink is the light part
+        grey, background = 1.0 - grey, 1.0 - background
+    ink = np.clip(grey - background, 0.0, None)  # grey paper becomes black, as in MNIST
+    if ink.max() <= 0:
+        raise ImageFileError("no ink found (the image is all background)")
+    ink /= ink.max()
+    rows = np.flatnonzero((ink > INK_THRESHOLD).any(axis=1))
+    cols = np.flatnonzero((ink > INK_THRESHOLD).any(axis=0))
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+    # Fit the longer side into 20 pixels; the resampling filter anti-aliases as MNIST's did.
+    height, width = ink.shape
+    scale = BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = Image.fromarray(np.uint8(np.round(ink * 255))).resize(size, Image.LANCZOS)
+    box = np.asarray(small, dtype=np.float32)
+    if box.max() <= 0:
+        raise ImageFileError("no ink left after scaling to 20x20 pixels")
+    box /= box.max()  # a thin stroke on a large photo fades when shrunk: restore full contrast
+
+    # Place the box so that its centre of mass lands on the field's centre (kept inside the field).
+    ys, xs = np.indices(box.shape)
+    mass = box.sum()
+    top = _clamp(round(FIELD / 2 - (ys * box).sum() / mass), 0, FIELD - box.shape[0])
+    left = _clamp(round(FIELD / 2 - (xs * box).sum() / mass), 0, FIELD - box.shape[1])
+    field = np.zeros((FIELD, FIELD))
+    field[top : top + box.shape[0], left : left + box.shape[1]] = box
+    return np.uint8(np.round(field * 255))
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+def prepare(path: str | Path) -> torch.Tensor:
+    """One image file as the net's input (1, 1, 28, 28), normalised like the training data."""
+    grey = read_grey(path)
+    try:
+        digit = mnist_like(grey)
+    except ImageFileError as e:
+        raise ImageFileError(f"{path}: {e}; pass an image of one dark digit on light paper or the reverse") from None
+    return normalize(torch.from_numpy(digit).unsqueeze(0))
+
+
+def predict_file(model: torch.nn.Module, path: str) -> Prediction:
+    with torch.no_grad():
+        probabilities = model(prepare(path)).exp().squeeze(0)  # the net returns log-probabilities
+    digit = int(probabilities.argmax())
+    return Prediction(
+        file=path,
+        digit=digit,
+        probability=float(probabilities[digit]),
+        probabilities=[float(p) for p in probabilities],
+    )
+
+
+def run_predict(checkpoint: str, images: list[str], as_json: bool) -> int:
+    """Predict every file; unreadable ones get one error line each. Returns how many failed."""
+    model = load_model(checkpoint)
+    failed = 0
+    for path in images:
+        try:
+            prediction = predict_file(model, path)
+        except ImageFileError as e:
+            failed += 1
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        print(prediction.json() if as_json else prediction.line(), flush=True)
+    return failed
