@@ -25,7 +25,9 @@ class NullMetrics:
 
     def train_epoch(self, step: int, epoch: int, samples_per_second: float) -> None: ...
 
-    def test(self, step: int, epoch: int, result: dict[str, Any], digits: torch.Tensor | None) -> None: ...
+    def test(
+        self, step: int, epoch: int, examples_seen: int, result: dict[str, Any], digits: torch.Tensor | None
+    ) -> None: ...
 
     def resume(self, step: int, epoch: int, checkpoint: str, world_size: int, previous_world_size: int) -> None: ...
 
@@ -62,8 +64,11 @@ class Metrics(NullMetrics):
         self._event(event="train_epoch", step=step, epoch=epoch, samples_per_second=samples_per_second)
         self._tb.add_scalar("train/samples_per_second", samples_per_second, step)
 
-    def test(self, step: int, epoch: int, result: dict[str, Any], digits: torch.Tensor | None) -> None:
-        self._event(event="test", step=step, epoch=epoch, **result)
+    def test(
+        self, step: int, epoch: int, examples_seen: int, result: dict[str, Any], digits: torch.Tensor | None
+    ) -> None:
+        # examples_seen puts the test loss on the training curve's axis, as the tutorial plots it.
+        self._event(event="test", step=step, epoch=epoch, examples_seen=examples_seen, **result)
         self._tb.add_scalar("test/loss", result["test_loss"], step)
         self._tb.add_scalar("test/accuracy", result["test_accuracy"], step)
         if digits is not None:

@@ -225,7 +225,7 @@ class Trainer:
             f"({100.0 * result['test_accuracy']:.2f}%)"
         )
         digits = self._figure_digits() if self.ctx.is_leader else None
-        self.metrics.test(self.global_step, epoch, result, digits)
+        self.metrics.test(self.global_step, epoch, epoch * len(self.train_split), result, digits)
         return result
 
     def _figure_digits(self) -> torch.Tensor:

@@ -72,6 +72,7 @@ def test_metrics_and_tensorboard_hold_every_figure(w2_run):
     assert kinds.count("test") == 2 and kinds.count("train_epoch") == 2 and "train" in kinds
     first_train = next(e for e in events if e["event"] == "train")
     assert first_train["examples_seen"] == 0 and first_train["lr"] == 0.05
+    assert [e["examples_seen"] for e in events if e["event"] == "test"] == [TINY_TRAIN, 2 * TINY_TRAIN]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
