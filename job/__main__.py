@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
     predict.set_defaults(func=_predict)
 
+    plot = commands.add_parser(
+        "plot", help="draw a run's figures into RUN_DIR/plots/ (digits, training curve, confusions)"
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train, e.g. runs/default")
+    plot.add_argument("--data-root", help="MNIST data directory (default: data.root of the run's config.yaml)")
+    plot.set_defaults(func=_plot)
+
+    export = commands.add_parser("export", help="write a model as safetensors or TorchScript, for use elsewhere")
+    export.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    export.add_argument("--format", required=True, choices=("safetensors", "torchscript"), help="file format")
+    export.add_argument("--out", required=True, help="file to write (replaced if it exists)")
+    export.set_defaults(func=_export)
+
     fetch = commands.add_parser("data", help="fetch and verify MNIST")
     fetch.add_argument("--root", help="data directory (default: data.root of the default config)")
     fetch.set_defaults(func=_data)
@@ -80,6 +93,21 @@ def _predict(args: argparse.Namespace) -> int:
 
     failed = run_predict(args.checkpoint, args.images, as_json=args.json)
     return EXIT_BAD_INPUT if failed else 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from job.plot import run_plot
+
+    for path in run_plot(args.run_dir, args.data_root):
+        print(f"wrote {path}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from job.export import run_export
+
+    print(f"wrote {run_export(args.checkpoint, args.format, args.out)}")
+    return 0
 
 
 def _data(args: argparse.Namespace) -> int:

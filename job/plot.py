@@ -1,0 +1,177 @@
+"""`python -m job plot RUN_DIR`: the tutorial's figures of a run, as PNG files in RUN_DIR/plots/.
+
+digits.png is the seed's figure (test digits with their ground truth, and here the
+prediction too), training_curve.png the tutorial's loss plot (train loss against examples
+seen, test loss at each epoch's end), confusion_matrix.png the test set's confusions.
+Figures are drawn without pyplot (no display, no global state) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
+
+from job import data
+from job.checkpoint import atomic_write_bytes
+from job.config import load_config
+from job.errors import JobError
+from job.model import load_model
+
+GRID_ROWS, GRID_COLS = 3, 4
+"""The digit figure: the first 12 test digits (the tutorial shows 6; a few more show more mistakes)."""
+
+DPI = 100
+"""Small PNGs (tens of KB) that still read well on a screen and in the README."""
+
+
+def read_events(metrics_file: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's events; a run that crashed mid-line leaves a partial last line, skipped with a warning."""
+    events, skipped = [], 0
+    for line in metrics_file.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            skipped += 1
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable line(s) in {metrics_file}", file=sys.stderr)
+    return events
+
+
+def latest_by_step(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The events of one kind, one per step: a resumed run logs again from its checkpoint, the later entry wins."""
+    by_step = {e["step"]: e for e in events if e.get("event") == kind}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def training_curve(events: list[dict[str, Any]]) -> Figure:
+    train = latest_by_step(events, "train")
+    test = latest_by_step(events, "test")
+    if not train:
+        raise JobError("metrics.jsonl holds no training losses yet; plot a run that has trained for a while")
+    fig = Figure(figsize=(7, 4.2), dpi=DPI)
+    ax = fig.add_subplot()
+    ax.plot([e["examples_seen"] for e in train], [e["loss"] for e in train], color="blue", linewidth=0.8)
+    ax.scatter(
+        [e.get("examples_seen", _last_seen_in_epoch(train, e["epoch"])) for e in test],
+        [e["test_loss"] for e in test],
+        color="red",
+        zorder=3,
+    )
+    ax.legend(["Train Loss", "Test Loss"], loc="upper right")
+    ax.set_xlabel("number of training examples seen")
+    ax.set_ylabel("negative log likelihood loss")
+    if test:
+        ax.set_title(f"Test accuracy after epoch {test[-1]['epoch']}: {100 * test[-1]['test_accuracy']:.2f}%")
+    fig.tight_layout()
+    return fig
+
+
+def _last_seen_in_epoch(train: list[dict[str, Any]], epoch: int) -> int:
+    """Runs written before test events carried examples_seen: the epoch's last logged training point."""
+    return max(e["examples_seen"] for e in train if e["epoch"] <= epoch)
+
+
+def digit_grid(images: torch.Tensor, labels: list[int], predictions: list[int]) -> Figure:
+    """The seed's figure: each digit titled with its ground truth, and the model's prediction (red if wrong)."""
+    fig = Figure(figsize=(1.6 * GRID_COLS, 1.9 * GRID_ROWS), dpi=DPI)
+    for i, (image, label, pred) in enumerate(zip(images, labels, predictions, strict=True)):
+        ax = fig.add_subplot(GRID_ROWS, GRID_COLS, i + 1)
+        ax.imshow(image.squeeze(0).numpy(), cmap="gray", interpolation="none")
+        ax.set_title(
+            f"Ground Truth: {label}\nPrediction: {pred}", fontsize=9, color="black" if label == pred else "red"
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor) -> np.ndarray:
+    """counts[true, predicted] over the test set."""
+    return torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10).numpy()
+
+
+def confusion_figure(counts: np.ndarray) -> Figure:
+    fig = Figure(figsize=(6, 5.2), dpi=DPI)
+    ax = fig.add_subplot()
+    # A power norm: the diagonal holds about a thousand per digit, the confusions a handful, and both should show.
+    shown = ax.imshow(counts, cmap="Blues", norm=PowerNorm(gamma=0.3, vmin=0, vmax=max(1, counts.max())))
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    threshold = 0.3 * counts.max()
+    for (true, pred), n in np.ndenumerate(counts):
+        if n:
+            ax.text(
+                pred, true, str(n), ha="center", va="center", fontsize=7, color="white" if n > threshold else "black"
+            )
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    accuracy = np.trace(counts) / max(1, counts.sum())
+    ax.set_title(f"Confusion matrix: {np.trace(counts)}/{counts.sum()} correct ({100 * accuracy:.2f}%)")
+    fig.tight_layout()
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def model_file(run_dir: Path) -> Path:
+    """The run's final model.pt, or its newest checkpoint while the run is still going."""
+    if (run_dir / "model.pt").is_file():
+        return run_dir / "model.pt"
+    checkpoints = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
+    if not checkpoints:
+        raise JobError(f"{run_dir} holds no model.pt and no checkpoints/epoch-*.pt yet; plot it after an epoch")
+    return checkpoints[-1]
+
+
+def predict_all(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(batch).argmax(dim=1) for batch in images.split(batch_size)])
+
+
+def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
+    """Write the three figures of a run directory into its plots/; returns their paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise JobError(f"run directory {run_dir} does not exist; pass the directory a training run wrote (runs/<name>)")
+    for name in ("config.yaml", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise JobError(f"{run_dir} has no {name}, so it is not a run directory; pass one that `train` wrote")
+    cfg = load_config(run_dir / "config.yaml")
+    root = data_root or cfg.data.root
+    curve = training_curve(read_events(run_dir / "metrics.jsonl"))  # before the slow steps: bad metrics fail fast
+
+    model = load_model(model_file(run_dir), dropout=cfg.model.dropout)
+    data.ensure_mnist(root, download=cfg.data.download, verify=cfg.data.verify, log=print)
+    test = data.load_split(root, "test")
+    predictions = predict_all(model, test.images, cfg.data.test_batch_size)
+
+    shown = GRID_ROWS * GRID_COLS
+    figures = {
+        "digits.png": digit_grid(
+            data.denormalize(test.images[:shown]), test.labels[:shown].tolist(), predictions[:shown].tolist()
+        ),
+        "training_curve.png": curve,
+        "confusion_matrix.png": confusion_figure(confusion_matrix(test.labels, predictions)),
+    }
+    plots = run_dir / "plots"
+    try:
+        plots.mkdir(exist_ok=True)
+        for name, fig in figures.items():
+            save_png(fig, plots / name)
+    except OSError as e:
+        raise JobError(f"cannot write {plots} ({e.strerror}); make the run directory writable") from None
+    return [plots / name for name in figures]
