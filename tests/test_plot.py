@@ -1,0 +1,85 @@
+"""plot: three figures from a real run directory; bad run directories are one line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_ok, assert_one_line_error, run_job, tiny_overrides
+from PIL import Image
+
+from job.plot import confusion_matrix, latest_by_step
+
+FIGURES = ("digits.png", "training_curve.png", "confusion_matrix.png")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real training run (one process, generated data, 2 epochs)."""
+    run_dir = tmp_path_factory.mktemp("plot") / "run"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.log_interval=2")]))
+    return run_dir
+
+
+def assert_figures(plots: Path) -> None:
+    assert sorted(p.name for p in plots.iterdir()) == sorted(FIGURES), "three figures, no temporary files"
+    for name in FIGURES:
+        with Image.open(plots / name) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 300, name
+        assert (plots / name).stat().st_size < 200_000, f"{name} should stay small"
+
+
+def test_plot_writes_the_three_figures_of_a_run(tiny_run):
+    result = run_job(["plot", str(tiny_run)])
+    assert_ok(result)
+    assert result.stdout.splitlines() == [f"wrote {tiny_run / 'plots' / name}" for name in FIGURES]
+    assert_figures(tiny_run / "plots")
+
+
+def test_plot_reads_a_run_that_crashed_mid_line_and_has_only_checkpoints(tiny_run, tmp_path):
+    run_dir = tmp_path / "crashed"
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("plots", "model.pt"))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"time": 1.0, "event": "tra')
+    result = run_job(["plot", str(run_dir)])
+    assert_ok(result)
+    assert "warning: skipped 1 unreadable line(s)" in result.stderr
+    assert_figures(run_dir / "plots")
+
+
+def test_plot_refuses_bad_run_directories_in_one_line(tiny_run, tmp_path):
+    assert_one_line_error(run_job(["plot", str(tmp_path / "nope")]), "run directory", "does not exist")
+
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_job(["plot", str(tmp_path / "empty")]), "has no config.yaml", "not a run directory")
+
+    untrained = tmp_path / "untrained"
+    shutil.copytree(tiny_run, untrained, ignore=shutil.ignore_patterns("plots", "model.pt", "epoch-*.pt"))
+    assert_one_line_error(run_job(["plot", str(untrained)]), "holds no model.pt and no checkpoints")
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("plots"))
+    (corrupt / "model.pt").write_bytes(b"garbage")
+    assert_one_line_error(run_job(["plot", str(corrupt)]), "model.pt is truncated or corrupt")
+    assert not (corrupt / "plots").exists(), "nothing written on bad input"
+
+
+def test_confusion_matrix_counts_true_against_predicted():
+    labels = torch.tensor([0, 0, 1, 9, 9, 9])
+    predictions = torch.tensor([0, 1, 1, 9, 9, 4])
+    counts = confusion_matrix(labels, predictions)
+    assert counts[0, 0] == 1 and counts[0, 1] == 1 and counts[1, 1] == 1 and counts[9, 9] == 2 and counts[9, 4] == 1
+    assert counts.sum() == 6
+
+
+def test_a_resumed_runs_repeated_steps_count_once():
+    events = [
+        {"event": "train", "step": 1, "loss": 2.0},
+        {"event": "train", "step": 2, "loss": 1.5},
+        {"event": "test", "step": 2, "test_loss": 1.0},
+        {"event": "train", "step": 2, "loss": 1.4},  # logged again after a resume
+        {"event": "train", "step": 3, "loss": 1.2},
+    ]
+    assert [e["loss"] for e in latest_by_step(events, "train")] == [2.0, 1.4, 1.2]
