@@ -3,9 +3,14 @@ torchrun, MNIST fetched on first use (once, by local rank 0) into the repository
 
 from __future__ import annotations
 
-from conftest import REPO, assert_ok, assert_one_line_error, read_summary, run_job
+import json
+from pathlib import Path
 
-from job.data import SHA256, missing_files, raw_dir, verify_checksums
+import pytest
+from conftest import REPO, assert_ok, assert_one_line_error, read_summary, run_job
+from PIL import Image
+
+from job.data import SHA256, missing_files, raw_dir, read_idx, verify_checksums
 
 SEED_ACCURACY = 0.965  # the tutorial reaches 0.9665-0.972 after 3 epochs
 
@@ -35,3 +40,37 @@ def test_data_command_verifies_real_mnist():
 def test_data_command_refuses_damaged_files(tiny_root):
     result = run_job(["data", "--root", str(tiny_root)])
     assert_one_line_error(result, "checksum mismatch for", "train-images-idx3-ubyte")
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seed recipe for one epoch, one process, on real MNIST (fetched into data/ if missing)."""
+    run_dir = tmp_path_factory.mktemp("real") / "one-epoch"
+    assert_ok(run_job(["train", f"run.dir={run_dir}", "train.epochs=1"], cwd=REPO, timeout=900))
+    return run_dir
+
+
+def test_predict_reads_test_digits_saved_as_inverted_upscaled_colour_pngs(one_epoch_run, tmp_path):
+    """The first 20 test digits as a user's files would be: dark ink on white, 112x112, RGB."""
+    images = read_idx(raw_dir(REPO / "data") / "t10k-images-idx3-ubyte", ndim=3)[:20]
+    labels = read_idx(raw_dir(REPO / "data") / "t10k-labels-idx1-ubyte", ndim=1)[:20].tolist()
+    files = []
+    for i, pixels in enumerate(images):
+        path = tmp_path / f"digit-{i:02d}.png"
+        Image.fromarray(255 - pixels.numpy()).resize((112, 112), Image.BICUBIC).convert("RGB").save(path)
+        files.append(str(path))
+    result = run_job(["predict", "--checkpoint", str(one_epoch_run / "model.pt"), "--json", *files])
+    assert_ok(result)
+    digits = [json.loads(line)["digit"] for line in result.stdout.splitlines()]
+    correct = sum(d == label for d, label in zip(digits, labels, strict=True))
+    # Measured: 18 of 20, the same two (a 5 read as 6, a 3 read as 8) that this model also
+    # misreads in MNIST's own 28x28 form; 934 of the first 1000 read from files, 932 from 28x28.
+    assert correct >= 18, f"read {digits}, truth {labels}"
+
+
+def test_plot_draws_the_figures_of_a_real_run(one_epoch_run):
+    result = run_job(["plot", str(one_epoch_run)], cwd=REPO)
+    assert_ok(result)
+    for name in ("digits.png", "training_curve.png", "confusion_matrix.png"):
+        with Image.open(one_epoch_run / "plots" / name) as image:
+            assert image.format == "PNG", name
