@@ -19,14 +19,21 @@ KILLS ?= 5
 # Extra KEY=VALUE config overrides, e.g. make train-local ARGS="train.epochs=1 run.name=try"
 ARGS ?=
 PYTEST_ARGS ?=
+# A run directory for the targets that use a trained model: tensorboard, plot, predict, export.
+RUN ?= runs/default
+TB_PORT ?= 6006
+IMAGES ?=
+FORMAT ?= safetensors
+OUT ?= $(RUN)/model.$(if $(filter torchscript,$(FORMAT)),torchscript.pt,safetensors)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos test lint format clean distclean
+.PHONY: help setup data config train-local train-accelerate chaos tensorboard plot predict export test lint format clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
+	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
 
@@ -58,6 +65,24 @@ train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG fr
 
 chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check it ends bit-identical
 	$(PY) tests/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
+
+# A missing run directory is one line, not an empty TensorBoard or a Python error.
+define need_run
+	@test -d $(RUN)/$(1) || { echo "error: $(RUN)/$(1) does not exist; train first (make train-local) or pass RUN=runs/<name>" >&2; exit 2; }
+endef
+
+tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on localhost:TB_PORT
+	$(call need_run,tb)
+	$(VENV)/bin/tensorboard --logdir $(RUN)/tb --port $(TB_PORT)
+
+plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
+	$(PY) -m job plot $(RUN)
+
+predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
+	$(PY) -m job predict --checkpoint $(RUN)/model.pt $(IMAGES)
+
+export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT
+	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
 test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -37,3 +37,21 @@ def test_train_accelerate_uses_a_config_from_the_repo():
     command = _make("-n", "train-accelerate", "NPROC=2")
     assert "accelerate launch --config_file job/configs/accelerate/" in command
     assert "--num_processes 2" in command
+
+
+def test_model_targets_use_the_run_directory():
+    assert "tensorboard --logdir runs/x/tb --port 6006" in _make("-n", "tensorboard", "RUN=runs/x")
+    assert "-m job plot runs/x" in _make("-n", "plot", "RUN=runs/x")
+    assert "-m job predict --checkpoint runs/x/model.pt a.png b.jpg" in _make(
+        "-n", "predict", "RUN=runs/x", "IMAGES=a.png b.jpg"
+    )
+    export = _make("-n", "export", "RUN=runs/x", "FORMAT=torchscript")
+    assert "-m job export --checkpoint runs/x/model.pt --format torchscript --out runs/x/model.torchscript.pt" in export
+
+
+def test_tensorboard_without_a_run_is_one_line(tmp_path):
+    result = subprocess.run(
+        ["make", "--no-print-directory", "tensorboard", f"RUN={tmp_path}"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"error: {tmp_path}/tb does not exist; train first" in result.stderr
