@@ -20,7 +20,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from job import data
-from job.checkpoint import atomic_write_bytes
+from job.checkpoint import CheckpointDir, atomic_write_bytes
 from job.config import load_config
 from job.errors import JobError
 from job.model import load_model
@@ -45,15 +45,10 @@ def read_events(metrics_file: Path) -> list[dict[str, Any]]:
     return events
 
 
-def latest_by_step(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The events of one kind, one per step: a resumed run logs again from its checkpoint, the later entry wins."""
-    by_step = {e["step"]: e for e in events if e.get("event") == kind}
-    return [by_step[step] for step in sorted(by_step)]
-
-
 def training_curve(events: list[dict[str, Any]]) -> Figure:
-    train = latest_by_step(events, "train")
-    test = latest_by_step(events, "test")
+    # A resumed run has already dropped the events past its checkpoint (Metrics), so each step is here once.
+    train = [e for e in events if e.get("event") == "train"]
+    test = [e for e in events if e.get("event") == "test"]
     if not train:
         raise JobError("metrics.jsonl holds no training losses yet; plot a run that has trained for a while")
     fig = Figure(figsize=(7, 4.2), dpi=DPI)
@@ -131,9 +126,9 @@ def model_file(run_dir: Path) -> Path:
     """The run's final model.pt, or its newest checkpoint while the run is still going."""
     if (run_dir / "model.pt").is_file():
         return run_dir / "model.pt"
-    checkpoints = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
+    checkpoints = CheckpointDir(run_dir / "checkpoints").files()
     if not checkpoints:
-        raise JobError(f"{run_dir} holds no model.pt and no checkpoints/epoch-*.pt yet; plot it after an epoch")
+        raise JobError(f"{run_dir} holds no model.pt and no checkpoint yet; plot it once it has saved one")
     return checkpoints[-1]
 
 

@@ -18,7 +18,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(3)
     state = Net().state_dict()
     torch.save(state, folder / "model.pt")
-    torch.save({"model": state, "optimizer": {}, "epoch": 2}, folder / "epoch-0002.pt")
+    torch.save({"model": state, "optimizer": {}, "epoch": 2}, folder / "step-000001876.pt")
     return folder
 
 
@@ -51,7 +51,15 @@ def test_safetensors_export_gives_the_same_outputs(checkpoints, tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_export_of_a_training_checkpoint_gives_the_same_outputs(checkpoints, tmp_path):
     out = tmp_path / "model.pt"
-    args = ["export", "--checkpoint", str(checkpoints / "epoch-0002.pt"), "--format", "torchscript", "--out", str(out)]
+    args = [
+        "export",
+        "--checkpoint",
+        str(checkpoints / "step-000001876.pt"),
+        "--format",
+        "torchscript",
+        "--out",
+        str(out),
+    ]
     result = run_job(args)
     assert_ok(result)
     assert "Warning" not in result.stderr, result.stderr

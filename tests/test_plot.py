@@ -10,7 +10,7 @@ import torch
 from conftest import assert_ok, assert_one_line_error, run_job, tiny_overrides
 from PIL import Image
 
-from job.plot import confusion_matrix, latest_by_step
+from job.plot import confusion_matrix
 
 FIGURES = ("digits.png", "training_curve.png", "confusion_matrix.png")
 
@@ -56,8 +56,8 @@ def test_plot_refuses_bad_run_directories_in_one_line(tiny_run, tmp_path):
     assert_one_line_error(run_job(["plot", str(tmp_path / "empty")]), "has no config.yaml", "not a run directory")
 
     untrained = tmp_path / "untrained"
-    shutil.copytree(tiny_run, untrained, ignore=shutil.ignore_patterns("plots", "model.pt", "epoch-*.pt"))
-    assert_one_line_error(run_job(["plot", str(untrained)]), "holds no model.pt and no checkpoints")
+    shutil.copytree(tiny_run, untrained, ignore=shutil.ignore_patterns("plots", "model.pt", "step-*.pt"))
+    assert_one_line_error(run_job(["plot", str(untrained)]), "holds no model.pt and no checkpoint yet")
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("plots"))
@@ -72,14 +72,3 @@ def test_confusion_matrix_counts_true_against_predicted():
     counts = confusion_matrix(labels, predictions)
     assert counts[0, 0] == 1 and counts[0, 1] == 1 and counts[1, 1] == 1 and counts[9, 9] == 2 and counts[9, 4] == 1
     assert counts.sum() == 6
-
-
-def test_a_resumed_runs_repeated_steps_count_once():
-    events = [
-        {"event": "train", "step": 1, "loss": 2.0},
-        {"event": "train", "step": 2, "loss": 1.5},
-        {"event": "test", "step": 2, "test_loss": 1.0},
-        {"event": "train", "step": 2, "loss": 1.4},  # logged again after a resume
-        {"event": "train", "step": 3, "loss": 1.2},
-    ]
-    assert [e["loss"] for e in latest_by_step(events, "train")] == [2.0, 1.4, 1.2]

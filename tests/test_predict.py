@@ -88,7 +88,7 @@ def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     state = Net().state_dict()
     torch.save(state, folder / "model.pt")
-    torch.save({"model": state, "epoch": 1, "optimizer": {}}, folder / "epoch-0001.pt")
+    torch.save({"model": state, "epoch": 1, "optimizer": {}}, folder / "step-000000938.pt")
     return folder
 
 
@@ -112,7 +112,7 @@ def test_predict_prints_digit_and_probability_per_file(untrained, images):
 
 def test_predict_json_and_training_checkpoints(untrained, images):
     outputs = []
-    for checkpoint in ("model.pt", "epoch-0001.pt"):
+    for checkpoint in ("model.pt", "step-000000938.pt"):
         result = run_job(["predict", "--checkpoint", str(untrained / checkpoint), "--json", str(images["png"])])
         assert_ok(result)
         outputs.append(result.stdout)
