@@ -209,8 +209,12 @@ def gather_to_leader(ctx: DistContext, obj: object) -> list[object] | None:
     return gathered
 
 
-# Collective failures surface as plain RuntimeErrors; their messages name the transport.
-_COLLECTIVE_MARKERS = ("gloo", "NCCL", "ProcessGroup", "c10d")
+# Collective failures surface as plain RuntimeErrors; their messages name the transport or,
+# when raised from DDP's backward, only what the transport saw.
+_COLLECTIVE_MARKERS = (
+    "gloo", "NCCL", "ProcessGroup", "c10d",
+    "pair closure", "Connection reset by peer", "Connection closed by peer", "Timed out waiting",
+)  # fmt: skip
 _TIMEOUT_MARKERS = ("Timed out", "timed out", "Timeout", "timeout")
 
 

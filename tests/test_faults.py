@@ -201,3 +201,27 @@ def test_a_lost_peer_ends_the_job_within_the_timeout_naming_the_cause(medium_roo
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv "
+         "operation to complete", "stopped answering"),
+        ("Application timeout caused pair closure", "stopped answering"),  # from DDP's backward, under load
+        ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:19365: Connection "
+         "reset by peer. This is typically caused by a remote worker hanging", "died (Read error [127.0.0.1]:19365: "
+         "Connection reset by peer)"),
+        ("Connection closed by peer [127.0.0.1]:8888", "died (Connection closed by peer [127.0.0.1]:8888)"),
+    ],
+)  # fmt: skip
+def test_gloo_failures_seen_here_read_as_a_lost_peer(message, kind):
+    from job.dist import peer_lost_error
+
+    assert kind in str(peer_lost_error(RuntimeError(message), timeout_s=5))
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from job.dist import peer_lost_error
+
+    assert peer_lost_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), timeout_s=5) is None
