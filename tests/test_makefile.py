@@ -35,3 +35,17 @@ def test_train_accelerate_uses_a_config_from_the_repo():
     command = _make("-n", "train-accelerate", "NPROC=2")
     assert "accelerate launch --config_file job/configs/accelerate/" in command
     assert "--num_processes 2" in command
+
+
+def test_image_builds_registry_image_tag_with_the_chosen_tool_and_labels():
+    command = _make("-n", "image", "CONTAINER_TOOL=podman", "REGISTRY=ghcr.io/you", "TAG=v1")
+    assert "podman build -f docker/Dockerfile -t ghcr.io/you/mnist-ddp:v1" in command
+    for label in ("VERSION", "REVISION", "CREATED"):
+        assert f"--build-arg {label}=" in command
+
+
+def test_push_refuses_to_run_without_a_registry():
+    command = ["make", "push", "REGISTRY=", "CONTAINER_TOOL=podman"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "set REGISTRY" in result.stderr
