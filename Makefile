@@ -64,7 +64,7 @@ train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG fr
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
 		-m job train --config $(CONFIG) $(ARGS)
 
-test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)
+test: $(STAMP) ## run the tests (multi-process gloo, launchers, one real-MNIST training); the image: image-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(LINT_STAMP): docker/lint-requirements.txt
