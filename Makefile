@@ -26,9 +26,26 @@ IMAGES ?=
 FORMAT ?= safetensors
 OUT ?= $(RUN)/model.$(if $(filter torchscript,$(FORMAT)),torchscript.pt,safetensors)
 
-STAMP := $(VENV)/.installed
+# The image: REGISTRY/IMAGE:TAG, built by docker, podman or buildah, whichever works here
+# (a docker client without a daemon does not count).
+REGISTRY ?=
+IMAGE ?= mnist-ddp
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+IMAGE_REF = $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE):$(TAG)
+CONTAINER_TOOL ?= $(shell if docker info >/dev/null 2>&1; then echo docker; \
+	elif command -v podman >/dev/null; then echo podman; elif command -v buildah >/dev/null; then echo buildah; fi)
+# Extra build flags, e.g. IMAGE_BUILD_ARGS="--build-arg BAKE_MNIST=0"
+IMAGE_BUILD_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# Linters for docker/Dockerfile live in their own venv: checkov's dependencies must not
+# move the project's pins.
+LINT_VENV ?= .venv-lint
 
-.PHONY: help setup data config train-local train-accelerate chaos tensorboard plot predict export test lint format clean distclean
+STAMP := $(VENV)/.installed
+LINT_STAMP := $(LINT_VENV)/.installed
+
+.PHONY: help setup data config train-local train-accelerate chaos tensorboard plot predict export test lint format \
+	image push image-test clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -84,20 +101,40 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
-test: $(STAMP) ## run all tests (multi-process gloo, launchers, one real-MNIST training)
+test: $(STAMP) ## run the tests (multi-process gloo, launchers, one real-MNIST training); the image: image-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff: lint and format check
+$(LINT_STAMP): docker/lint-requirements.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check -r docker/lint-requirements.txt
+	touch $@
+
+lint: $(STAMP) $(LINT_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile
 	$(VENV)/bin/ruff check job tests
 	$(VENV)/bin/ruff format --check job tests
+	$(LINT_VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile
+	$(LINT_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile -f docker/Dockerfile
 
 format: $(STAMP) ## ruff: apply formatting and safe fixes
 	$(VENV)/bin/ruff format job tests
 	$(VENV)/bin/ruff check --fix job tests
 
+image: ## build the CUDA image REGISTRY/IMAGE:TAG from docker/Dockerfile
+	@test -n "$(CONTAINER_TOOL)" || { echo "error: no docker daemon, podman or buildah found; install one" >&2; exit 2; }
+	$(CONTAINER_TOOL) build -f docker/Dockerfile -t $(IMAGE_REF) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) \
+		--build-arg CREATED=$(shell date -u +%Y-%m-%dT%H:%M:%SZ) $(IMAGE_BUILD_ARGS) .
+
+push: ## push REGISTRY/IMAGE:TAG (built by `make image`)
+	@test -n "$(REGISTRY)" || { echo "error: set REGISTRY, e.g. make push REGISTRY=ghcr.io/you" >&2; exit 2; }
+	$(CONTAINER_TOOL) push $(IMAGE_REF)
+
+image-test: $(STAMP) ## build the image on a local Debian base and train + evaluate in it (needs root, buildah, podman)
+	$(PY) -m pytest -m image tests/test_image.py $(PYTEST_ARGS)
+
 clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-distclean: clean ## also remove .venv and data/
-	rm -rf $(VENV) data *.egg-info
+distclean: clean ## also remove .venv, .venv-lint, data/ and build/
+	rm -rf $(VENV) $(LINT_VENV) data build *.egg-info

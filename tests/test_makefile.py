@@ -16,7 +16,7 @@ def _make(*args: str) -> str:
 
 def test_help_lists_every_phony_target():
     makefile = (REPO / "Makefile").read_text()
-    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile.replace("\\\n", " "), re.M).group(1).split()
     listed = {line.split()[0] for line in _make("help").splitlines() if line.startswith("  ")}
     assert set(phony) == listed
     assert {"help", "setup", "data", "train-local", "train-accelerate", "test", "lint", "clean"} <= listed
@@ -55,3 +55,17 @@ def test_tensorboard_without_a_run_is_one_line(tmp_path):
     )
     assert result.returncode != 0
     assert f"error: {tmp_path}/tb does not exist; train first" in result.stderr
+
+
+def test_image_builds_registry_image_tag_with_the_chosen_tool_and_labels():
+    command = _make("-n", "image", "CONTAINER_TOOL=podman", "REGISTRY=ghcr.io/you", "TAG=v1")
+    assert "podman build -f docker/Dockerfile -t ghcr.io/you/mnist-ddp:v1" in command
+    for label in ("VERSION", "REVISION", "CREATED"):
+        assert f"--build-arg {label}=" in command
+
+
+def test_push_refuses_to_run_without_a_registry():
+    command = ["make", "push", "REGISTRY=", "CONTAINER_TOOL=podman"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "set REGISTRY" in result.stderr
