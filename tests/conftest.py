@@ -126,6 +126,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     return errors[0]
 
 
+def write_random_model(folder: Path, seed: int) -> Path:
+    """`folder` with model.pt of a net with random weights and the same weights in a file shaped
+    like a training checkpoint (for commands that accept either)."""
+    from job.model import Net
+
+    torch.manual_seed(seed)
+    state = Net().state_dict()
+    torch.save(state, folder / "model.pt")
+    torch.save({"model": state, "optimizer": {}, "epochs_done": 1}, folder / "step-000000938.pt")
+    return folder
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, assert_one_line_error, run_job
+from conftest import assert_ok, assert_one_line_error, run_job, write_random_model
 
 from job.model import Net
 
@@ -14,12 +14,7 @@ from job.model import Net
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.pt of a net with random weights, and a training checkpoint holding the same weights."""
-    folder = tmp_path_factory.mktemp("export")
-    torch.manual_seed(3)
-    state = Net().state_dict()
-    torch.save(state, folder / "model.pt")
-    torch.save({"model": state, "optimizer": {}, "epoch": 2}, folder / "step-000001876.pt")
-    return folder
+    return write_random_model(tmp_path_factory.mktemp("export"), seed=3)
 
 
 def reference_outputs(checkpoint: Path, batch: torch.Tensor) -> torch.Tensor:
@@ -54,7 +49,7 @@ def test_torchscript_export_of_a_training_checkpoint_gives_the_same_outputs(chec
     args = [
         "export",
         "--checkpoint",
-        str(checkpoints / "step-000001876.pt"),
+        str(checkpoints / "step-000000938.pt"),
         "--format",
         "torchscript",
         "--out",

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import assert_ok, assert_one_line_error, run_job
+from conftest import assert_ok, assert_one_line_error, run_job, write_random_model
 from PIL import Image, ImageDraw
 
-from job.model import Net
 from job.predict import ImageFileError, mnist_like, read_grey
 
 
@@ -84,12 +82,7 @@ def test_an_image_without_a_digit_is_refused():
 @pytest.fixture(scope="module")
 def untrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model.pt of an untrained net, and the same weights as a training checkpoint."""
-    folder = tmp_path_factory.mktemp("untrained")
-    torch.manual_seed(0)
-    state = Net().state_dict()
-    torch.save(state, folder / "model.pt")
-    torch.save({"model": state, "epoch": 1, "optimizer": {}}, folder / "step-000000938.pt")
-    return folder
+    return write_random_model(tmp_path_factory.mktemp("untrained"), seed=0)
 
 
 @pytest.fixture(scope="module")
