@@ -198,6 +198,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> Split:
+        return Split(images=self.images.to(device), labels=self.labels.to(device))
+
 
 def load_split(root: str | Path, split: Literal["train", "test"], limit: int | None = None) -> Split:
     """One split from its raw IDX files, optionally only its first `limit` samples."""
@@ -242,7 +245,7 @@ def train_batches(
     does not depend on W, so skipping k batches skips the same k*B samples at any
     world size: a resume at another world size trains exactly the unseen rest.
     """
-    indices = torch.tensor(list(sampler), dtype=torch.long)
+    indices = torch.tensor(list(sampler), dtype=torch.long, device=split.images.device)
     for batch in indices.split(rank_batch_size)[skip:]:
         yield split.images.index_select(0, batch), split.labels.index_select(0, batch)
 

@@ -41,10 +41,15 @@ class StopVote:
     """One step's question "did any rank get SIGTERM?", asked when the step starts, read when it ends."""
 
     def __init__(self, ctx: DistContext, request: StopRequest) -> None:
+        self._request = request
         self._flag = torch.tensor([1.0 if request.received else 0.0])
-        # The CPU control group: on NCCL a CUDA flag would force a device sync every step.
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=ctx.control_group, async_op=True)
+        self._work = None
+        if ctx.world_size > 1:  # a lone rank has no one to agree with: it reads its own flag at the step's end
+            # The CPU control group: on NCCL a CUDA flag would force a device sync every step.
+            self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=ctx.control_group, async_op=True)
 
     def any_rank_stopping(self) -> bool:
+        if self._work is None:
+            return self._request.received
         self._work.wait()
         return bool(self._flag.item())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -58,7 +59,10 @@ def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tup
     fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify, log=log.info)
     on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
     limits = {"train": cfg.data.train_limit, "test": None}
-    return {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
+    loaded = {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
+    if cfg.speed.data_on_device:  # batches are then gathered on the device: no host-to-device copy per step
+        loaded = {name: split.to(ctx.device) for name, split in loaded.items()}
+    return loaded
 
 
 def prepare_run_dir(cfg: Config, resuming: bool) -> None:
@@ -99,15 +103,23 @@ def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_
     }
 
 
-def build_ddp_model(cfg: Config, ctx: DistContext) -> tuple[Net, DistributedDataParallel]:
-    """The tutorial's net on this rank's device and its DDP wrapper. Every rank builds the same
-    initial weights; afterwards the global generator is this rank's own (dropout) stream."""
+def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Module]:
+    """The tutorial's net on this rank's device, and what the training step calls: its DDP
+    wrapper (a single rank has nothing to average: the net itself, the same bits without
+    DDP's per-step bookkeeping), compiled if asked. Every rank builds the same initial
+    weights; afterwards the global generator is this rank's own (dropout) stream."""
     seed_parameter_init(cfg.seed)
     model = Net(dropout=cfg.model.dropout).to(ctx.device)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model: torch.nn.Module = model
+    if ctx.world_size > 1:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.speed.compile:
+        step_model = torch.compile(step_model)
     seed_rank_streams(cfg.seed, ctx.rank)
-    return model, ddp
+    return model, step_model
 
 
 class Trainer:
@@ -128,7 +140,7 @@ class Trainer:
                 "not step-for-step equal to a 1-rank run; pick data.train_limit divisible by the world size"
             )
 
-        self.model, self.ddp = build_ddp_model(cfg, ctx)
+        self.model, self.step_model = build_train_model(cfg, ctx)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
         self.checkpoints = checkpoint_dir(cfg)
 
@@ -162,7 +174,7 @@ class Trainer:
                 result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
             summary = self.summary(result)
             if self.ctx.is_leader:
-                atomic_save(self.model.state_dict(), self.run_dir / "model.pt")
+                atomic_save(self.model_state(), self.run_dir / "model.pt")
                 atomic_write_json(self.run_dir / "summary.json", summary)
             return summary
         finally:
@@ -174,15 +186,18 @@ class Trainer:
         dataset_size, every = len(self.train_split), cfg.checkpoint.every_steps
         skip = self.batches_done  # non-zero only in the epoch a resume lands in
         bar = ProgressBar(self.num_batches - skip, f"Epoch {epoch}", enabled=ctx.is_leader)
-        self.ddp.train()
+        self.step_model.train()
         samples_before, checkpoint_seconds, start = self.samples_trained, 0.0, time.perf_counter()
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
             vote = StopVote(ctx, stop)
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
+            if cfg.speed.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = F.nll_loss(self.ddp(images), labels)
+            with self.autocast():
+                loss = F.nll_loss(self.step_model(images), labels)
             loss.backward()
             self.optimizer.step()
             self.global_step += 1
@@ -218,6 +233,10 @@ class Trainer:
         self.train_seconds += seconds
         self.metrics.train_epoch(self.global_step, epoch, (self.samples_trained - samples_before) / seconds)
 
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast when speed.bf16 is on: matmuls and convolutions in bf16, the loss in fp32."""
+        return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.speed.bf16)
+
     def test(self, epoch: int) -> dict[str, Any]:
         result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
         self.log.info(
@@ -249,7 +268,7 @@ class Trainer:
         recipe = resume_recipe(self.cfg)
         return {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
+            "model": self.model_state(),
             "optimizer": self.optimizer.state_dict(),
             "epochs_done": self.epochs_done,
             "batches_done": self.batches_done,
@@ -262,6 +281,11 @@ class Trainer:
             "recipe": recipe,
             "recipe_digest": recipe_digest(recipe),
         }
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The weights in the default memory layout whatever speed.channels_last trained with, so
+        model.pt means the same to every reader (safetensors refuses strided tensors)."""
+        return {key: value.contiguous() for key, value in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any], name: str) -> None:
         """Continue from a checkpoint (checked by resume.check_resumable on rank 0)."""
@@ -312,6 +336,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """`python -m job train`: the whole job on this rank; returns the summary."""
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
+    if cfg.speed.compile and not any(
+        shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cxx
+    ):
+        raise ConfigError(
+            "speed.compile=true needs a C++ compiler to build its kernels and none is on PATH; install g++ "
+            "(apt-get install g++) or set speed.compile=false"
+        )
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
         log = setup_logging(ctx.rank, ctx.world_size)

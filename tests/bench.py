@@ -1,0 +1,239 @@
+"""`make bench` / `make bench-gpu`: the job's training throughput beside the tutorial's, side by side.
+
+    python tests/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
+    python tests/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
+
+CPU (`make bench`), four measurements, each in a fresh process, alternating within every
+round so that load from elsewhere on the machine lands on all of them alike:
+
+  (a) tutorial   the classic tutorial's loop (tests/tutorial_mnist.py): PIL decode, ToTensor,
+                 Normalize per sample, DataLoader batch 64, 1 process, torch's default threads
+  (b) job W=1    `python -m job train`, the seed recipe for 1 epoch, 1 process, default threads
+  (c) job W=2    the same under `torchrun --nproc-per-node 2`, 1 thread per rank
+  (d) data path  the job's training batches for one epoch with no model: batches per second
+
+GPU (`make bench-gpu`, one CUDA device, W=1): the tutorial, the job twice (are the weights
+bit-identical?), and the job with each speed.* switch.
+
+Training figures are samples/s over the training loop only (no start-up, evaluation or
+checkpoint writes: the job's summary.json `train_samples_per_second`). The results replace
+the part of --out between its bench markers, with the machine they were measured on.
+Exit status 1 when a CPU target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SWITCHES = ["speed.bf16=true", "speed.channels_last=true", "speed.compile=true", "speed.data_on_device=true"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="the comparison on one CUDA device")
+    parser.add_argument("--rounds", type=int, default=3, help="CPU: rounds of the four measurements")
+    parser.add_argument("--data", default="data", help="directory holding MNIST/raw/")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs/PERFORMANCE.md", help="where the results go ('-': none)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for the job's runs")
+    args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("bench: --gpu needs a CUDA device and torch sees none (check nvidia-smi and the driver)")
+    with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
+        report, met = (gpu_bench if args.gpu else cpu_bench)(args, Path(work))
+    report = f"{report}\n\nMachine: {machine(args.gpu)}.\n"
+    print("\n" + report)
+    if str(args.out) != "-":
+        write_section(args.out, "gpu" if args.gpu else "cpu", report)
+        print(f"written to {args.out}")
+    return 0 if met else 1
+
+
+# --- the runs -------------------------------------------------------------------------------------
+
+
+def tutorial(args: argparse.Namespace, work: Path, device: str = "cpu") -> dict:
+    cmd = [sys.executable, str(ROOT / "tests/tutorial_mnist.py"), "--data", args.data, "--device", device]
+    return json.loads(run(cmd, work, dict(os.environ)).strip().splitlines()[-1])
+
+
+def job(args: argparse.Namespace, work: Path, nproc: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    """One epoch of the seed recipe; the summary, with the run directory."""
+    common = ["train", "train.epochs=1", "data.download=false", f"data.root={args.data}", f"run.dir={work}/run"]
+    env = dict(os.environ)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "job", *common]
+    else:
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "job", *common]
+        env["OMP_NUM_THREADS"] = "1"
+    run([*cmd, *args.overrides, *extra], work, env)
+    return {**json.loads((work / "run/summary.json").read_text()), "run_dir": work / "run"}
+
+
+def data_path(args: argparse.Namespace, work: Path) -> dict:
+    """The job's batches for one epoch (sampler, permutation, gathers), with no model."""
+    code = (
+        "import json, time\n"
+        "from job import data\n"
+        f"split = data.load_split({args.data!r}, 'train')\n"
+        "sampler = data.train_sampler(len(split), rank=0, world_size=1, seed=1)\n"
+        "start = time.perf_counter()\n"
+        "n = sum(1 for _ in data.train_batches(split, sampler, 64))\n"
+        "print(json.dumps({'batches_per_second': n / (time.perf_counter() - start)}))\n"
+    )
+    return json.loads(run([sys.executable, "-c", code], work, dict(os.environ)).strip().splitlines()[-1])
+
+
+def run(cmd: list[str], work: Path, env: dict[str, str]) -> str:
+    work.mkdir(parents=True)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    (work / "log").write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
+        sys.exit(f"bench: {' '.join(cmd[:5])} ... failed (exit {result.returncode}):\n{tail}")
+    return result.stdout
+
+
+# --- CPU ------------------------------------------------------------------------------------------
+
+CPU_RUNS: dict[str, tuple[str, Callable[[argparse.Namespace, Path], dict]]] = {
+    "a": ("tutorial loop, 1 process", tutorial),
+    "b": ("job, 1 process", job),
+    "c": ("job, 2 ranks x 1 thread", lambda args, work: job(args, work, nproc=2)),
+    "d": ("job's data path, no model", data_path),
+}
+
+
+def cpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
+    results: dict[str, list[dict]] = {name: [] for name in CPU_RUNS}
+    names = list(CPU_RUNS)
+    for r in range(args.rounds):
+        for name in names[r % 4 :] + names[: r % 4]:  # a different one goes first each round
+            label, measure = CPU_RUNS[name]
+            result = measure(args, work / f"{name}{r}")
+            results[name].append(result)
+            if name == "d":
+                shown = f"{result['batches_per_second']:,.0f} batches/s"
+            else:
+                shown = f"{result['train_samples_per_second']:,.0f} samples/s, accuracy {result['test_accuracy']:.2%}"
+            print(f"round {r + 1}/{args.rounds} ({name}) {label}: {shown}", flush=True)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[name])
+
+    speed = {n: median(n, "train_samples_per_second") for n in "abc"}
+    accuracy = {n: median(n, "test_accuracy") for n in "abc"}
+    batches = median("d", "batches_per_second")
+    targets = [
+        ("(b)/(a): job vs tutorial", speed["b"] / speed["a"], ">= 4", speed["b"] / speed["a"] >= 4),
+        ("(c)/(b): 2 ranks x 1 thread vs 1 process", speed["c"] / speed["b"], ">= 0.9", speed["c"] / speed["b"] >= 0.9),
+        ("(d) batches/s vs (b) steps/s", batches / (speed["b"] / 64), ">= 20", batches / (speed["b"] / 64) >= 20),
+        ("test accuracy (b) - (a), points", 100 * abs(accuracy["b"] - accuracy["a"]), "<= 0.5",
+         abs(accuracy["b"] - accuracy["a"]) <= 0.005),
+    ]  # fmt: skip
+    lines = [
+        f"Medians of {args.rounds} alternating rounds; 1 epoch of the seed recipe (batch 64, SGD lr 0.01 "
+        "momentum 0.5, fp32)" + (f" with {' '.join(args.overrides)}" if args.overrides else "") + ".",
+        "",
+        "| | run | samples/s | min - max | s/epoch | test accuracy |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for n in "abc":
+        low, high = (f(r["train_samples_per_second"] for r in results[n]) for f in (min, max))
+        lines.append(
+            f"| ({n}) | {CPU_RUNS[n][0]} | {speed[n]:,.0f} | {low:,.0f} - {high:,.0f} | {60000 / speed[n]:.1f} "
+            f"| {accuracy[n]:.2%} |"
+        )
+    lines.append(f"| (d) | {CPU_RUNS['d'][0]} | {64 * batches:,.0f} | | | {batches:,.0f} batches/s |")
+    lines += ["", "| target | measured | wanted | |", "| --- | ---: | ---: | --- |"]
+    lines += [
+        f"| {what} | {value:.2f} | {wanted} | {'met' if ok else 'MISSED'} |" for what, value, wanted, ok in targets
+    ]
+    return "\n".join(lines), all(ok for *_, ok in targets)
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+
+def gpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
+    rows = []
+    tut = tutorial(args, work / "tutorial", device="cuda")
+    rows.append(("tutorial loop", tut, ""))
+    first, second = job(args, work / "job1"), job(args, work / "job2")
+    same = identical(first["run_dir"] / "model.pt", second["run_dir"] / "model.pt")
+    rows.append(("job", first, f"two runs bit-identical: {'yes' if same else 'NO'}"))
+    for switch in [*SWITCHES, "speed.channels_last=true speed.compile=true speed.data_on_device=true"]:
+        result = job(args, work / switch.replace(" ", "+"), extra=tuple(switch.split()))
+        rows.append((f"job {switch}", result, ""))
+    for label, result, note in rows:
+        print(f"{label}: {result['train_samples_per_second']:,.0f} samples/s {note}", flush=True)
+    lines = [
+        "One CUDA device, W=1, 1 epoch of the seed recipe; epoch seconds over the training loop only.",
+        "",
+        "| run | samples/s | s/epoch | test accuracy | |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for label, result, note in rows:
+        speed = result["train_samples_per_second"]
+        lines.append(f"| {label} | {speed:,.0f} | {60000 / speed:.2f} | {result['test_accuracy']:.2%} | {note} |")
+    return "\n".join(lines), same
+
+
+def identical(a: Path, b: Path) -> bool:
+    first, second = (torch.load(p, weights_only=True) for p in (a, b))
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def machine(gpu: bool) -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor())
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_gib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal")) / 2**20
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    parts = [
+        f"{os.cpu_count()} CPUs ({cpu}), {mem_gib:.0f} GiB",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads by default)",
+        f"Python {platform.python_version()}",
+        f"commit {revision.stdout.strip() or 'unknown'}",
+        f"measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "load average at the end {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
+    ]
+    if gpu:
+        parts.insert(1, f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+    return ", ".join(parts)
+
+
+def write_section(path: Path, kind: str, report: str) -> None:
+    """Replace what lies between `<!-- bench:KIND -->` and `<!-- /bench:KIND -->` in path."""
+    start, end = f"<!-- bench:{kind} -->", f"<!-- /bench:{kind} -->"
+    text = path.read_text() if path.exists() else ""
+    if start not in text or end not in text:
+        text += f"\n{start}\n{end}\n"
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{report}{end}{rest.split(end, 1)[1]}")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    status = main()
+    print(f"bench: {time.monotonic() - started:.0f} s")
+    sys.exit(status)

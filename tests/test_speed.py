@@ -1,0 +1,90 @@
+"""The opt-in speed switches (speed.*): each runs and trains on CPU; off, nothing changes.
+
+The switches exist for accelerators, where CI has none: these tests pin that each code
+path runs end to end (W=2 gloo, so DDP is in the path), that the net still learns, and
+that model.pt stays a plain state_dict every reader (evaluate, export) takes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from job import data
+from job.model import Net
+from tests.conftest import assert_one_line_error, clean_env, run_job, tiny_overrides
+
+SWITCHES = {
+    "bf16": ["speed.bf16=true"],
+    "channels_last": ["speed.channels_last=true"],
+    "compile": ["speed.compile=true"],
+    "data_on_device": ["speed.data_on_device=true"],
+}
+
+
+def train(tiny_root: Path, run_dir: Path, *extra: str, nproc: int | None = 2) -> dict:
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *extra)], nproc=nproc, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("speed") / "off"
+    return run_dir, train(tiny_root, run_dir)
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path) -> None:
+    summary = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
+    # Off, the generated digits are learned to 100% in two epochs; chance is 10%. The switches
+    # change the arithmetic (bf16, kernel order) or the dropout stream (compile), so the figure
+    # moves, but the net must still learn.
+    assert summary["test_accuracy"] > 0.8, summary
+    state = torch.load(tmp_path / switch / "model.pt", weights_only=True)
+    assert all(t.is_contiguous() for t in state.values()), "model.pt must hold default-layout tensors"
+    Net().load_state_dict(state)
+    config = (tmp_path / switch / "config.yaml").read_text()
+    assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
+
+
+def test_data_on_device_is_the_same_run_on_cpu(tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
+    """On CPU the dataset already lives in the device's memory: the switch must change no bit."""
+    off_dir, _ = baseline
+    train(tiny_root, tmp_path / "on", "speed.data_on_device=true")
+    on = torch.load(tmp_path / "on" / "model.pt", weights_only=True)
+    off = torch.load(off_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(on[k], off[k]) for k in off)
+
+
+def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
+    split = data.load_split(tiny_root, "train").to(torch.device("cpu"))
+    sampler = data.train_sampler(len(split), rank=0, world_size=1, seed=1)
+    images, labels = next(data.train_batches(split, sampler, 64))
+    assert images.device == split.images.device and labels.device == split.labels.device
+    assert images.shape == (64, 1, 28, 28)
+
+
+def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path: Path) -> None:
+    """W=1 skips the DDP wrapper (nothing to average); a 1-process torchrun run and a plain
+    process run the same code path and must agree bit for bit, run after run."""
+    first = train(tiny_root, tmp_path / "a", nproc=None)
+    second = train(tiny_root, tmp_path / "b", nproc=1)
+    assert first["test_accuracy"] == second["test_accuracy"]
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path: Path) -> None:
+    no_compilers = tmp_path / "bin"
+    no_compilers.mkdir()
+    env = {**clean_env(), "PATH": str(no_compilers)}
+    env.pop("CXX", None)
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "speed.compile=true")], env=env)
+    assert result.returncode == 2
+    assert_one_line_error(result, "speed.compile=true needs a C++ compiler", "install g++")
+    assert not (tmp_path / "run").exists()
