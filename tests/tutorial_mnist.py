@@ -6,8 +6,8 @@ torchvision's MNIST dataset decodes every digit through PIL, then ToTensor and N
 run per sample; a DataLoader (batch 64, shuffled, no workers) collates them; the net,
 SGD (lr 0.01, momentum 0.5), the log every 10 batches, the test pass (batch 1000) and, on
 CUDA, one loader worker with pinned memory are the tutorial's. Nothing here comes from
-the job package, so the job's speed-ups cannot leak into the reference. Prints one JSON line: training samples/s over the training loop only, and
-the test accuracy.
+the job package, so the job's speed-ups cannot leak into the reference. Prints one JSON
+line: training samples/s over the training loop only, and the test accuracy.
 """
 
 from __future__ import annotations
