@@ -2,6 +2,7 @@
 
     python tests/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
     python tests/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
+    python tests/bench.py --profile [--data data] [KEY=VALUE ...]
 
 CPU (`make bench`), four measurements, each in a fresh process, alternating within every
 round so that load from elsewhere on the machine lands on all of them alike:
@@ -14,6 +15,9 @@ round so that load from elsewhere on the machine lands on all of them alike:
 
 GPU (`make bench-gpu`, one CUDA device, W=1): the tutorial, the job twice (are the weights
 bit-identical?), and the job with each speed.* switch.
+
+--profile runs the job itself (1 process, 200 steps) under torch.profiler and prints where
+the time goes, op by op: what docs/PERFORMANCE.md's analysis starts from.
 
 Training figures are samples/s over the training loop only (no start-up, evaluation or
 checkpoint writes: the job's summary.json `train_samples_per_second`). The results replace
@@ -46,6 +50,7 @@ SWITCHES = ["speed.bf16=true", "speed.channels_last=true", "speed.compile=true",
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="the comparison on one CUDA device")
+    parser.add_argument("--profile", action="store_true", help="print the job's training step, op by op")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: rounds of the four measurements")
     parser.add_argument("--data", default="data", help="directory holding MNIST/raw/")
     parser.add_argument(
@@ -53,6 +58,8 @@ def main() -> int:
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for the job's runs")
     args = parser.parse_args()
+    if args.profile:
+        return profile(args)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("bench: --gpu needs a CUDA device and torch sees none (check nvidia-smi and the driver)")
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
@@ -198,6 +205,31 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
 def identical(a: Path, b: Path) -> bool:
     first, second = (torch.load(p, weights_only=True) for p in (a, b))
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+# --- profile --------------------------------------------------------------------------------------
+
+
+def profile(args: argparse.Namespace) -> int:
+    """The job's own training run (1 process, 200 steps of the recipe) under torch.profiler."""
+    import runpy
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with tempfile.TemporaryDirectory(prefix="mnist-ddp-profile-") as work:
+        sys.argv = [
+            "job", "train", "train.epochs=1", "data.train_limit=12800", "data.download=false",
+            f"data.root={args.data}", f"run.dir={work}/run", *args.overrides,
+        ]  # fmt: skip
+        with profiler(activities=[ProfilerActivity.CPU]) as prof:
+            try:
+                runpy.run_module("job", run_name="__main__")
+            except SystemExit as e:
+                if e.code:
+                    return int(e.code) if isinstance(e.code, int) else 1
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
 
 
 # --- the report -----------------------------------------------------------------------------------

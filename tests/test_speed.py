@@ -8,6 +8,8 @@ that model.pt stays a plain state_dict every reader (evaluate, export) takes.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 from job import data
 from job.model import Net
-from tests.conftest import assert_one_line_error, clean_env, run_job, tiny_overrides
+from tests.conftest import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides
 
 SWITCHES = {
     "bf16": ["speed.bf16=true"],
@@ -88,3 +90,22 @@ def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path:
     assert result.returncode == 2
     assert_one_line_error(result, "speed.compile=true needs a C++ compiler", "install g++")
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: Path) -> None:
+    """`make bench` end to end on generated data (one round): the four runs, the table, the
+    ratios, and the hand-written text around the markers kept. Timings are not asserted."""
+    out = tmp_path / "PERFORMANCE.md"
+    out.write_text("# Speed\n\nanalysis above\n\n<!-- bench:cpu -->\nold table\n<!-- /bench:cpu -->\n\nnotes below\n")
+    cmd = [sys.executable, "tests/bench.py", "--rounds", "1", "--data", str(tiny_root), "--out", str(out)]
+    cmd += ["data.verify=false", "data.test_batch_size=50"]
+    result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed on toy data
+    text = out.read_text()
+    assert text.startswith("# Speed\n\nanalysis above\n") and text.endswith("notes below\n")
+    assert "old table" not in text
+    for row in ("| (a) | tutorial loop", "| (b) | job, 1 process", "| (c) | job, 2 ranks x 1 thread", "| (d) |"):
+        assert row in text
+    for target in ("(b)/(a)", "(c)/(b)", "(d) batches/s", "test accuracy (b) - (a)"):
+        assert target in text
+    assert "Machine: " in text and "torch 2.14.1" in text
