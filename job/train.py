@@ -251,7 +251,8 @@ class Trainer:
         images = self.test_split.images[:FIGURE_DIGITS]
         with torch.no_grad():
             predictions = self.model(images.to(self.ctx.device)).argmax(dim=1).cpu()
-        return digit_grid(data.denormalize(images), self.test_split.labels[:FIGURE_DIGITS], predictions)
+        labels = self.test_split.labels[:FIGURE_DIGITS].cpu()  # on the GPU with speed.data_on_device
+        return digit_grid(data.denormalize(images.cpu()), labels, predictions)
 
     def save_checkpoint(self) -> float:
         """Every rank hands rank 0 its RNG streams; rank 0 writes. Returns the seconds it took
