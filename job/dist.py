@@ -166,6 +166,28 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         dist.destroy_process_group()
 
 
+def gloo_mean_by_all_gather(state, bucket):  # unannotated: DDP rejects this module's string annotations
+    """A DDP communication hook for gloo: the mean of a gradient bucket over ranks, through an
+    all-gather and a sum in rank order instead of gloo's all-reduce.
+
+    Measured on loopback here (2 ranks, the net's 85 KB of gradients): all-reduce 1.7 ms,
+    all-gather 0.6 ms, about 1.5 ms of every 10 ms step. Like DDP's own hook it divides
+    before summing, so at 2 ranks the bits equal the all-reduce's (a + b == b + a); at any
+    world size the sum runs in rank order, the same on every rank and in every run.
+    """
+    tensor = bucket.buffer().div_(dist.get_world_size())
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    gathered = dist.all_gather(parts, tensor, async_op=True).get_future()
+
+    def sum_in_rank_order(_: torch.futures.Future) -> torch.Tensor:
+        total = parts[0]
+        for part in parts[1:]:
+            total += part
+        return total
+
+    return gathered.then(sum_in_rank_order)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (a no-op at world size 1 apart from the call)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -1,9 +1,9 @@
 """SIGTERM (pod deletion, node preemption, torchrun shutting its workers down): stop cleanly.
 
-While training, the handler only raises a flag; the ranks agree on it at every step
-boundary (an all-reduce started with the step, so it overlaps the step's work), then
-all of them stop after the same step, rank 0 writes a checkpoint, and every rank
-exits with EXIT_PREEMPTED. Before training starts there is nothing to save and the
+While training, the handler only raises a flag; the ranks agree on it every
+STOP_VOTE_EVERY_STEPS steps and at each epoch's last step (an all-reduce started with the
+step, so it overlaps the step's work), then all of them stop after the same step, rank 0
+writes a checkpoint, and every rank exits with EXIT_PREEMPTED. Before training starts there is nothing to save and the
 default action (terminate) stays: a Python handler would not even run while the
 process waits inside a C++ rendezvous, and everything written so far is atomic.
 """
@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 from job.dist import DistContext
+
+STOP_VOTE_EVERY_STEPS = 10
+"""Steps between two votes. A vote per step cost about 1 ms of a 10 ms step at 2 gloo ranks
+(measured); 10 steps take well under a second, far inside any termination grace period."""
 
 
 class StopRequest:

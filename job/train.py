@@ -32,6 +32,7 @@ from job.dist import (
     broadcast_bytes,
     distributed,
     gather_to_leader,
+    gloo_mean_by_all_gather,
     on_some_ranks,
     peer_lost_error,
     read_launch_env,
@@ -39,7 +40,7 @@ from job.dist import (
 from job.errors import ConfigError, JobError, PreemptedError
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
-from job.preemption import StopRequest, StopVote
+from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.resume import CHECKPOINT_FORMAT, ResumeSource, checkpoint_dir, find_resume_source, recipe_digest
 from job.seeding import (
     configure_determinism,
@@ -116,6 +117,8 @@ def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Modu
     if ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
+        if ctx.backend == "gloo":
+            step_model.register_comm_hook(None, gloo_mean_by_all_gather)
     if cfg.speed.compile:
         step_model = torch.compile(step_model)
     seed_rank_streams(cfg.seed, ctx.rank)
@@ -190,7 +193,8 @@ class Trainer:
         samples_before, checkpoint_seconds, start = self.samples_trained, 0.0, time.perf_counter()
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
-            vote = StopVote(ctx, stop)
+            vote_due = (self.global_step + 1) % STOP_VOTE_EVERY_STEPS == 0 or batch_idx + 1 == self.num_batches
+            vote = StopVote(ctx, stop) if vote_due else None
             images = images.to(ctx.device, non_blocking=True)
             labels = labels.to(ctx.device, non_blocking=True)
             if cfg.speed.channels_last:
@@ -215,7 +219,8 @@ class Trainer:
                 )
                 examples_seen = (epoch - 1) * dataset_size + done
                 self.metrics.train_step(self.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
-            stopping = vote.any_rank_stopping()  # all ranks get the same answer after the same step
+            # All ranks vote after the same steps, so they all stop after the same one.
+            stopping = vote is not None and vote.any_rank_stopping()
             if stopping or (every and self.global_step % every == 0 and self.batches_done < self.num_batches):
                 checkpoint_seconds += self.save_checkpoint()
             if stopping:

@@ -305,3 +305,10 @@ def test_evaluate_refuses_bad_checkpoints_in_one_line(tiny_root, tmp_path):
     torch.save(state, wrong)
     result = run_job(["evaluate", "--checkpoint", str(wrong), *overrides])
     assert_one_line_error(result, "does not fit the model: size mismatch for fc2.weight")
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_gloo_gradient_mean_is_exact_and_in_rank_order(nproc):
+    """The gloo comm hook (all-gather + sum in rank order) gives the exact mean; at 2 ranks the
+    same bits as DDP's own all-reduce, so the hook changed no 2-rank result."""
+    assert_ok(run_probe("comm_hook.py", [], nproc=nproc))

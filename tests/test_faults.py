@@ -104,7 +104,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_keeps_its_bits(medium_roo
     assert_same_weights(run_dir, reference[2])
 
 
-def test_sigterm_stops_every_rank_after_one_step_with_a_checkpoint(medium_root, reference, tmp_path):
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(medium_root, reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     job = start([*torchrun(2), *train_args(medium_root, run_dir)], log)
     wait_for_checkpoint(run_dir, 20, [job], log)

@@ -9,11 +9,11 @@ import torch.distributed as dist
 
 from job.config import Config
 from job.dist import distributed, read_launch_env
-from job.train import build_ddp_model
+from job.train import build_train_model
 
 cfg = Config()
 with distributed(cfg.dist, read_launch_env()) as ctx:
-    model, ddp = build_ddp_model(cfg, ctx)
+    model, _ = build_train_model(cfg, ctx)
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     mask = torch.nn.functional.dropout(torch.ones(4096), p=0.5, training=True)
     mine = {"params": params.tolist(), "mask": mask.tolist()}
