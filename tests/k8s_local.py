@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import random
 import re
@@ -140,6 +141,8 @@ def resolve_env(container: dict, pod: PodFacts, config_maps: dict[str, dict]) ->
         source = var["valueFrom"]
         if "fieldRef" in source:
             env[name] = field_ref(source["fieldRef"]["fieldPath"], pod)
+        elif "resourceFieldRef" in source:
+            env[name] = resource_field_ref(source["resourceFieldRef"], container)
         elif "configMapKeyRef" in source:
             ref = source["configMapKeyRef"]
             data = _config_map(config_maps, ref)
@@ -150,6 +153,38 @@ def resolve_env(container: dict, pod: PodFacts, config_maps: dict[str, dict]) ->
         else:
             raise ManifestError(f"env {name}: valueFrom {sorted(source)} is not supported here")
     return env
+
+
+def resource_field_ref(ref: dict, container: dict) -> str:
+    """A downward-API resource value: the container's limit or request in units of `divisor`, rounded
+    up; an unset limit reads as the node's allocatable CPUs or memory."""
+    if ref.get("containerName", container["name"]) != container["name"]:
+        raise ManifestError(f"resourceFieldRef names container {ref['containerName']!r}, not {container['name']!r}")
+    kind, _, resource = ref["resource"].partition(".")
+    value = container.get("resources", {}).get(kind, {}).get(resource)
+    if value is None and kind == "limits":
+        value = os.cpu_count() if resource == "cpu" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return str(math.ceil(quantity(value or 0) / quantity(ref.get("divisor", 1))))
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes quantity: "500m" CPUs, "256Mi" or "1G" bytes, "2"."""
+    units = {
+        "m": 1e-3,
+        "": 1,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|[kMGT]i?|Ki)?", str(text))
+    if not match:
+        raise ManifestError(f"cannot read the quantity {text!r}")
+    return float(match[1]) * units[match[2] or ""]
 
 
 def _config_map(config_maps: dict[str, dict], ref: dict) -> dict[str, str]:
@@ -316,10 +351,11 @@ class Manifests:
             raise ManifestError("this runner runs pods of exactly one container and no init containers")
         return containers[0]
 
-    def pod_facts(self, index: int, pod_ip: str, host_ip: str) -> PodFacts:
+    def pod_facts(self, index: int, job_uid: str, pod_ip: str, host_ip: str) -> PodFacts:
         """A new pod of `index` as the Job controller creates it: a generated name, the Job's labels
-        and the completion-index annotation added to the template's."""
-        controller_uid = self.job["metadata"].get("uid", "")
+        (`job_uid`: the uid the API server gave the Job) and the completion-index annotation added
+        to the template's."""
+        controller_uid = job_uid
         labels = {
             **self.job["spec"]["template"].get("metadata", {}).get("labels", {}),
             "job-name": self.name,
@@ -530,7 +566,7 @@ def volume_steps(manifests: Manifests, container: dict, dirs: HostDirs) -> list[
             source = dirs.shared / "pvc" / claim
         elif "emptyDir" in volume and volume["emptyDir"].get("medium") == "Memory":
             size = volume["emptyDir"].get("sizeLimit")
-            options = "mode=1777" + (f",size={quantity_bytes(size)}" if size else "")
+            options = "mode=1777" + (f",size={int(quantity(size))}" if size else "")
             steps.append(Mount(mount["mountPath"], fstype="tmpfs", read_only=read_only, options=options))
             continue
         elif "emptyDir" in volume:
@@ -539,15 +575,6 @@ def volume_steps(manifests: Manifests, container: dict, dirs: HostDirs) -> list[
             raise ManifestError(f"volume {mount['name']}: {sorted(set(volume) - {'name'})} is not supported here")
         steps.append(Mount(mount["mountPath"], str(source / mount.get("subPath", "")).rstrip("/"), read_only=read_only))
     return steps
-
-
-def quantity_bytes(quantity: str | int) -> int:
-    """A Kubernetes quantity of bytes ("256Mi", "1G", "1000")."""
-    units = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-    match = re.fullmatch(r"(\d+)([kMGT]i?|Ki)?", str(quantity))
-    if not match:
-        raise ManifestError(f"cannot read the quantity {quantity!r}")
-    return int(match[1]) * units[match[2] or ""]
 
 
 def hosts_file(own: tuple[str, str, str], records: dict[str, list[str]]) -> str:
@@ -723,13 +750,15 @@ class Pod:
 
 
 class JobFailed(RuntimeError):
-    """The Job ended Failed (backoffLimit, podFailurePolicy, activeDeadlineSeconds) or timed out."""
+    """The Job ended Failed (backoff limits, podFailurePolicy, activeDeadlineSeconds) or timed out."""
 
 
 class LocalJob:
     """The Job controller and the kubelet of one node: a pod per pending index (up to
-    `parallelism`); a failed pod replaced by a new one of the same index after the back-off,
-    until `backoffLimit`; `podFailurePolicy` exit-code rules and `activeDeadlineSeconds` applied."""
+    `parallelism`); a failed pod replaced by a new one of the same index after the back-off, until
+    `backoffLimit` (or `backoffLimitPerIndex` and `maxFailedIndexes`); `podFailurePolicy` exit-code
+    rules and `activeDeadlineSeconds` applied. (Pods here never get conditions such as
+    DisruptionTarget, so `onPodConditions` rules never match.)"""
 
     def __init__(self, manifests: Manifests, host: Host, work: Path) -> None:
         self.manifests = manifests
@@ -738,11 +767,13 @@ class LocalJob:
         self.work = work
         self.prefix = f"{PREFIX}{os.getpid()}"
         self.network = Network(self.prefix)
+        self.uid = str(uuid.uuid4())
         self.running: dict[int, Pod] = {}
         self.history: list[Pod] = []
         self.succeeded: set[int] = set()
-        self.failures = 0
-        self._not_before = 0.0
+        self.failed_indexes: set[int] = set()
+        self.failures = [0] * manifests.completions
+        self._not_before = [0.0] * manifests.completions
         self._started = 0.0
 
     @property
@@ -752,6 +783,16 @@ class LocalJob:
     def claim_dir(self, claim: str) -> Path:
         """The host directory that stands in for the PersistentVolumeClaim `claim`."""
         return self.work / "shared" / "pvc" / claim
+
+    def host_path(self, pod_path: str) -> Path:
+        """Where a path in the pods that lies on the PVC is on this machine."""
+        by_name = {volume["name"]: volume for volume in self.manifests.pod_spec.get("volumes", [])}
+        for mount in self.manifests.container().get("volumeMounts", []):
+            claim = by_name[mount["name"]].get("persistentVolumeClaim")
+            relative = os.path.relpath(pod_path, mount["mountPath"])
+            if claim and not relative.startswith(".."):
+                return self.claim_dir(claim["claimName"]) / mount.get("subPath", "") / relative
+        raise ValueError(f"{pod_path} is not on a PersistentVolumeClaim of the pods")
 
     def __enter__(self) -> LocalJob:
         remove_leftovers()
@@ -805,11 +846,10 @@ class LocalJob:
         deadline = self.spec.get("activeDeadlineSeconds")
         if deadline and time.monotonic() - self._started > deadline:
             self._fail(f"DeadlineExceeded: activeDeadlineSeconds={deadline}")
-        if time.monotonic() < self._not_before:
-            return
-        pending = [i for i in range(self.manifests.completions) if i not in self.succeeded and i not in self.running]
+        done = self.succeeded | self.failed_indexes
+        pending = [i for i in range(self.manifests.completions) if i not in done and i not in self.running]
         room = self.spec.get("parallelism", 1) - len(self.running)
-        for index in pending[: max(room, 0)]:
+        for index in [i for i in pending if time.monotonic() >= self._not_before[i]][: max(room, 0)]:
             self._start_pod(index)
 
     def _count_failure(self, pod: Pod) -> None:
@@ -817,12 +857,19 @@ class LocalJob:
         action = failure_action(policy, self.manifests.container()["name"], pod.exit_code)
         if action == "Ignore":
             return
-        if action != "Count":
-            self._fail(f"podFailurePolicy: {action} on exit code {pod.exit_code} of pod {pod.plan.name}")
-        self.failures += 1
-        if self.failures > self.spec.get("backoffLimit", 6):
-            self._fail(f"BackoffLimitExceeded: {self.failures} failed pods")
-        self._not_before = time.monotonic() + min(BACKOFF_BASE_S * 2 ** (self.failures - 1), BACKOFF_MAX_S)
+        if action == "FailJob":
+            self._fail(f"podFailurePolicy: FailJob on exit code {pod.exit_code} of pod {pod.plan.name}")
+        self.failures[pod.index] += 1
+        per_index = self.spec.get("backoffLimitPerIndex")
+        if per_index is None:
+            if sum(self.failures) > self.spec.get("backoffLimit", 6):
+                self._fail(f"BackoffLimitExceeded: {sum(self.failures)} failed pods")
+        elif action == "FailIndex" or self.failures[pod.index] > per_index:
+            self.failed_indexes.add(pod.index)
+            if len(self.failed_indexes) > self.spec.get("maxFailedIndexes", self.manifests.completions):
+                self._fail(f"MaxFailedIndexesExceeded: failed indexes {sorted(self.failed_indexes)}")
+        delay = min(BACKOFF_BASE_S * 2 ** (self.failures[pod.index] - 1), BACKOFF_MAX_S)
+        self._not_before[pod.index] = time.monotonic() + delay
 
     def _fail(self, reason: str) -> None:
         for pod in list(self.running.values()):
@@ -832,7 +879,7 @@ class LocalJob:
     def _start_pod(self, index: int) -> None:
         netns = f"{self.prefix}-{self.manifests.name[:30]}-{index}-{len(self.history)}"
         pod_ip = self.network.add_pod(netns)
-        facts = self.manifests.pod_facts(index, pod_ip, self.network.host_ip)
+        facts = self.manifests.pod_facts(index, self.uid, pod_ip, self.network.host_ip)
         dirs = HostDirs(shared=self.work / "shared", pod=self.work / "pods" / facts.name)
         plan = plan_pod(self.manifests, self.image, self.host, facts, index, dirs)
         self._make_pod_dirs(dirs.pod, plan)
@@ -905,13 +952,15 @@ class LocalJob:
     def wait(self, timeout: float, until: Callable[[], bool] | None = None) -> bool:
         """Run the controller until every index succeeded (True) or `until()` holds (False)."""
         deadline = time.monotonic() + timeout
-        while len(self.succeeded) < self.manifests.completions:
+        while len(self.succeeded) + len(self.failed_indexes) < self.manifests.completions:
             if until is not None and until():
                 return False
             if time.monotonic() > deadline:
                 self._fail(f"not done within {timeout:.0f} s")
             time.sleep(0.1)
             self.sync()
+        if self.failed_indexes:
+            self._fail(f"FailedIndexes: {sorted(self.failed_indexes)}")
         return True
 
     def logs(self) -> str:

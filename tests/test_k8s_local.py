@@ -1,0 +1,176 @@
+"""`make k8s-local-test`: the rendered Kubernetes Job, run on this machine as a cluster would.
+
+The manifests are k8s/overlays/cpu (2 pods x 1 process, gloo) under an overlay of the kind a
+user writes to train on their own data: the configMapGenerator adds tiny.yaml (generated
+data: no checksums, a small run) and JOB_CONFIG names it. Nothing else of the rendered Job
+changes: tests/k8s_local.py runs its exact command, args and env in one "pod" per
+completion index (own network, mount, UTS and PID namespaces; pod IP, hostname, DNS names,
+volumes, user). A shared directory stands in for the PersistentVolumeClaim.
+
+Needs root, iproute2 and util-linux; kubectl renders the manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_tiny_mnist
+from k8s_local import PREFIX, Host, LocalJob, Manifests, netns_names
+from test_resume import assert_same_weights
+
+pytestmark = pytest.mark.k8s_local
+
+OVERLAY = REPO / "k8s" / "overlays" / "cpu"
+RUN_DIR = "/app/runs/k8s-local"  # in the pod: on the runs PVC
+STEPS_PER_EPOCH, EPOCHS, CHECKPOINT_EVERY = 50, 2, 10
+TINY_CONFIG = f"""\
+# The recipe on generated digits ({STEPS_PER_EPOCH * 64} samples), with a checkpoint every {CHECKPOINT_EVERY} steps.
+seed: 1
+data:
+  verify: false          # generated IDX files, not MNIST's
+  test_batch_size: 50
+optim:
+  lr: 0.05
+train:
+  epochs: {EPOCHS}
+  log_interval: 5
+checkpoint:
+  every_steps: {CHECKPOINT_EVERY}
+run:
+  name: k8s-local
+"""
+KUSTOMIZATION = """\
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - {base}
+configMapGenerator:
+  - name: mnist-ddp-config
+    behavior: merge
+    files:
+      - tiny.yaml
+patches:
+  - patch: |
+      apiVersion: batch/v1
+      kind: Job
+      metadata:
+        name: mnist-ddp
+      spec:
+        template:
+          spec:
+            containers:
+              - name: trainer
+                env:
+                  - name: JOB_CONFIG
+                    value: tiny.yaml
+"""
+
+
+def require_root_and_tools() -> None:
+    """No skip: `make k8s-local-test` on a machine that cannot run it is a failure, with the fix."""
+    if os.geteuid() != 0:
+        pytest.fail("make k8s-local-test needs root (network namespaces, mounts, chroot)", pytrace=False)
+    missing = [tool for tool in ("ip", "unshare", "mount", "kubectl") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(
+            f"make k8s-local-test needs {', '.join(missing)}: apt-get install iproute2 util-linux mount "
+            "(kubectl: https://kubernetes.io/docs/tasks/tools/)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory) -> Manifests:
+    require_root_and_tools()
+    overlay = tmp_path_factory.mktemp("overlay")
+    (overlay / "tiny.yaml").write_text(TINY_CONFIG)
+    # kustomize takes only relative paths to other kustomizations
+    (overlay / "kustomization.yaml").write_text(KUSTOMIZATION.format(base=os.path.relpath(OVERLAY, overlay)))
+    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    return Manifests.parse(rendered.stdout)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory) -> Host:
+    """This checkout as the image, with generated digits standing in for the baked MNIST."""
+    return Host.of(REPO, data=make_tiny_mnist(tmp_path_factory.mktemp("image") / "data", train=STEPS_PER_EPOCH * 64))
+
+
+class Leftovers:
+    """What a run may leave behind on the host: compared before and after."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = str(work)
+        self.links = self._links()
+
+    @staticmethod
+    def _links() -> set[str]:
+        return {
+            line.split(":")[1].strip().split("@")[0]
+            for line in subprocess.check_output(["ip", "-o", "link"], text=True).splitlines()
+        }
+
+    def assert_none(self) -> None:
+        assert not [name for name in netns_names() if name.startswith(PREFIX)], "network namespaces left"
+        assert self._links() == self.links, "network interfaces left in the host's namespace"
+        mounts = Path("/proc/mounts").read_text()
+        assert self.work not in mounts and PREFIX not in mounts, "mounts left"
+
+
+def run_to_completion(manifests: Manifests, host: Host, work: Path) -> LocalJob:
+    leftovers = Leftovers(work)
+    with LocalJob(manifests, host, work) as job:
+        job.start()
+        job.wait(timeout=240)
+    leftovers.assert_none()
+    return job
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
+
+
+@pytest.fixture(scope="module")
+def reference(manifests, host, tmp_path_factory) -> Path:
+    """The uninterrupted run's run directory (on the PVC)."""
+    job = run_to_completion(manifests, host, tmp_path_factory.mktemp("reference"))
+    return job.host_path(RUN_DIR)
+
+
+def test_two_pods_train_the_job_to_completion(reference):
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert summary["resumes"] == 0
+    # Rank 0 ran in pod 0 (TensorBoard names its file after the host) as the image's user, whose
+    # group (fsGroup) owns the volume.
+    (events,) = (reference / "tb").glob("events.out.tfevents.*")
+    assert ".mnist-ddp-0." in events.name
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in reference.rglob("*")} == {(10001, 10001)}
+
+
+def test_a_killed_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(manifests, host, reference, tmp_path):
+    leftovers = Leftovers(tmp_path)
+    with LocalJob(manifests, host, tmp_path) as job:
+        job.start()
+        run_dir = job.host_path(RUN_DIR)
+        job.wait(timeout=240, until=lambda: max(checkpoint_steps(run_dir), default=0) >= 2 * CHECKPOINT_EVERY)
+        killed = job.kill(1)
+        job.wait(timeout=240)
+    leftovers.assert_none()
+
+    logs = job.logs()
+    pods = [(pod.index, pod.exit_code) for pod in job.history]
+    assert sorted(pods) == [(0, 0), (1, 0), (1, 137)], logs
+    assert killed.exit_code == 137
+    replacement = next(pod for pod in job.history if pod.index == 1 and pod is not killed)
+    assert replacement.plan.name != killed.plan.name and replacement.ip != killed.ip
+    # The run really resumed mid-run, from a checkpoint written before the kill.
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumes = [event["step"] for event in events if event["event"] == "resume"]
+    assert resumes and all(2 * CHECKPOINT_EVERY <= step < EPOCHS * STEPS_PER_EPOCH for step in resumes), logs
+    assert_same_weights(run_dir, reference)
