@@ -45,10 +45,10 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 
 .PHONY: help setup data config train-local train-accelerate chaos tensorboard plot predict export test lint format \
-	image push image-test clean distclean
+	image push image-test k8s-local-test clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
 
@@ -131,6 +131,10 @@ push: ## push REGISTRY/IMAGE:TAG (built by `make image`)
 
 image-test: $(STAMP) ## build the image on a local Debian base and train + evaluate in it (needs root, buildah, podman)
 	$(PY) -m pytest -m image tests/test_image.py $(PYTEST_ARGS)
+
+# Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); kubectl renders.
+k8s-local-test: $(STAMP) ## run k8s/overlays/cpu's Job as 2 local "pods" (namespaces); kill one; same bits (root)
+	$(PY) -m pytest -m k8s_local tests/test_k8s_local.py $(PYTEST_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache

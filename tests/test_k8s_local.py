@@ -75,10 +75,11 @@ def require_root_and_tools() -> None:
     """No skip: `make k8s-local-test` on a machine that cannot run it is a failure, with the fix."""
     if os.geteuid() != 0:
         pytest.fail("make k8s-local-test needs root (network namespaces, mounts, chroot)", pytrace=False)
-    missing = [tool for tool in ("ip", "unshare", "mount", "kubectl") if shutil.which(tool) is None]
+    # tini: the image's ENTRYPOINT, which the pods take from this machine's /usr.
+    missing = [tool for tool in ("ip", "unshare", "mount", "tini", "kubectl") if shutil.which(tool) is None]
     if missing:
         pytest.fail(
-            f"make k8s-local-test needs {', '.join(missing)}: apt-get install iproute2 util-linux mount "
+            f"make k8s-local-test needs {', '.join(missing)}: apt-get install iproute2 util-linux mount tini "
             "(kubectl: https://kubernetes.io/docs/tasks/tools/)",
             pytrace=False,
         )
