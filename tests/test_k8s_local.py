@@ -7,7 +7,7 @@ changes: tests/k8s_local.py runs its exact command, args and env in one "pod" pe
 completion index (own network, mount, UTS and PID namespaces; pod IP, hostname, DNS names,
 volumes, user). A shared directory stands in for the PersistentVolumeClaim.
 
-Needs root, iproute2 and util-linux; kubectl renders the manifests.
+Needs root, iproute2, util-linux and tini; .venv-k8s's kubectl renders the manifests.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_tiny_mnist
 from k8s_local import PREFIX, Host, LocalJob, Manifests, netns_names
+from test_k8s import K8S_BIN, tool
 from test_resume import assert_same_weights
 
 pytestmark = pytest.mark.k8s_local
@@ -76,11 +77,10 @@ def require_root_and_tools() -> None:
     if os.geteuid() != 0:
         pytest.fail("make k8s-local-test needs root (network namespaces, mounts, chroot)", pytrace=False)
     # tini: the image's ENTRYPOINT, which the pods take from this machine's /usr.
-    missing = [tool for tool in ("ip", "unshare", "mount", "tini", "kubectl") if shutil.which(tool) is None]
+    missing = [name for name in ("ip", "unshare", "mount", "tini") if shutil.which(name) is None]
     if missing:
         pytest.fail(
-            f"make k8s-local-test needs {', '.join(missing)}: apt-get install iproute2 util-linux mount tini "
-            "(kubectl: https://kubernetes.io/docs/tasks/tools/)",
+            f"make k8s-local-test needs {', '.join(missing)}: apt-get install iproute2 util-linux mount tini",
             pytrace=False,
         )
 
@@ -92,7 +92,8 @@ def manifests(tmp_path_factory) -> Manifests:
     (overlay / "tiny.yaml").write_text(TINY_CONFIG)
     # kustomize takes only relative paths to other kustomizations
     (overlay / "kustomization.yaml").write_text(KUSTOMIZATION.format(base=os.path.relpath(OVERLAY, overlay)))
-    rendered = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    kubectl = [tool(K8S_BIN, "kubectl"), "kustomize", str(overlay)]
+    rendered = subprocess.run(kubectl, capture_output=True, text=True, check=True)
     return Manifests.parse(rendered.stdout)
 
 
