@@ -12,8 +12,10 @@ Needs root, iproute2, util-linux and tini; .venv-k8s's kubectl renders the manif
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -142,6 +144,46 @@ def reference(manifests, host, tmp_path_factory) -> Path:
     """The uninterrupted run's run directory (on the PVC)."""
     job = run_to_completion(manifests, host, tmp_path_factory.mktemp("reference"))
     return job.host_path(RUN_DIR)
+
+
+# Run in place of the job's command (as an overlay could patch the args): what each pod sees.
+PROBE = """
+peer=mnist-ddp-$((1 - JOB_COMPLETION_INDEX))
+for _ in $(seq 100); do getent hosts "$peer.mnist-ddp" >/dev/null && break; sleep 0.1; done
+echo "hostname=$(hostname) index=$JOB_COMPLETION_INDEX pod_ip=$POD_IP"
+echo "eth0=$(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+echo "peer=$(getent hosts "$peer.mnist-ddp.default.svc.cluster.local" | cut -d' ' -f1)"
+echo "bare_peer=$(getent hosts "$peer" || echo unresolved)"
+echo "ids=$(id -u) $(id -g) $(id -G) pwd=$(pwd) pid1=$(tr '\\0\\n' '  ' < /proc/1/cmdline | cut -d' ' -f1-4)"
+echo "torchrun=$(command -v torchrun) job=$(python -c 'import job; print(job.__file__)')"
+touch /app/job/x 2>/dev/null && echo image=writable || echo image=read-only
+touch "/app/runs/probe-$JOB_COMPLETION_INDEX" /tmp/x /dev/shm/x && echo volumes=writable
+echo "config=$(ls /etc/mnist-ddp/config | tr '\\n' ' ')"
+sleep 2  # alive while the other pod looks this one up
+"""
+
+
+def test_each_pod_sees_what_a_cluster_pod_would(manifests, host, tmp_path):
+    probe = copy.deepcopy(manifests)
+    probe.container()["args"] = ["/bin/sh", "-c", PROBE]
+    leftovers = Leftovers(tmp_path)
+    with LocalJob(probe, host, tmp_path) as job:
+        job.start()
+        job.wait(timeout=60)
+    leftovers.assert_none()
+
+    ips = {pod.index: pod.ip for pod in job.history}
+    for pod in job.history:
+        seen = dict(re.findall(r"(\w+)=(.*?)(?= \w+=|$)", pod.log.read_text(), re.M))
+        assert seen["hostname"] == f"mnist-ddp-{pod.index}" and seen["index"] == str(pod.index), seen
+        assert seen["pod_ip"] == pod.ip and seen["eth0"] == f"{pod.ip}/24"
+        assert seen["peer"] == ips[1 - pod.index] and seen["bare_peer"] == "unresolved"
+        assert seen["ids"] == "10001 10001 10001" and seen["pwd"] == "/app"
+        assert seen["pid1"] == "/usr/bin/tini -- /bin/sh -c"
+        assert seen["torchrun"] == "/opt/venv/bin/torchrun" and seen["job"] == "/app/job/__init__.py"
+        assert seen["image"] == "read-only" and seen["volumes"] == "writable"
+        assert set(seen["config"].split()) == {"default.yaml", "smoke.yaml", "tiny.yaml"}
+    assert sorted(p.name for p in job.host_path("/app/runs").glob("probe-*")) == ["probe-0", "probe-1"]
 
 
 def test_two_pods_train_the_job_to_completion(reference):
