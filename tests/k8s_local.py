@@ -700,6 +700,7 @@ class Network:
     network namespace (eth0, a pod IP). Nothing is added to the host's own network namespace."""
 
     def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
         self.node = f"{prefix}-node"
         self.host_ip = f"{SUBNET}.1"
         self._pods = 0
@@ -725,8 +726,10 @@ class Network:
         return addr
 
     def destroy(self) -> None:
-        if self.node in netns_names():
-            delete_netns(self.node)
+        """Every namespace of this run, the pods' too: what a failed pod deletion left is gone as well."""
+        for name in netns_names():
+            if name.startswith(f"{self.prefix}-"):
+                delete_netns(name)
         # `ip netns add` makes /run/netns a mount point the first time; undo that once it is unused.
         if not self._had_netns_mount and _is_mount_point("/run/netns") and not os.listdir("/run/netns"):
             subprocess.run(["umount", "/run/netns"], check=True)

@@ -18,11 +18,12 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, make_tiny_mnist
-from k8s_local import PREFIX, Host, LocalJob, Manifests, netns_names
+from k8s_local import PREFIX, Host, LocalJob, Manifests, Network, delete_netns, ip, netns_names, remove_leftovers
 from test_k8s import K8S_BIN, tool
 from test_resume import assert_same_weights
 
@@ -111,6 +112,7 @@ class Leftovers:
     def __init__(self, work: Path) -> None:
         self.work = str(work)
         self.links = self._links()
+        self.mount_points = self._mount_points()
 
     @staticmethod
     def _links() -> set[str]:
@@ -119,11 +121,15 @@ class Leftovers:
             for line in subprocess.check_output(["ip", "-o", "link"], text=True).splitlines()
         }
 
+    @staticmethod
+    def _mount_points() -> set[str]:
+        return {line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()}
+
     def assert_none(self) -> None:
         assert not [name for name in netns_names() if name.startswith(PREFIX)], "network namespaces left"
         assert self._links() == self.links, "network interfaces left in the host's namespace"
-        mounts = Path("/proc/mounts").read_text()
-        assert self.work not in mounts and PREFIX not in mounts, "mounts left"
+        left = {p for p in self._mount_points() - self.mount_points if p.startswith(("/run/netns", self.work))}
+        assert not left and PREFIX not in Path("/proc/mounts").read_text(), f"mounts left: {left}"
 
 
 def run_to_completion(manifests: Manifests, host: Host, work: Path) -> LocalJob:
@@ -197,24 +203,51 @@ def test_two_pods_train_the_job_to_completion(reference):
     assert {(p.stat().st_uid, p.stat().st_gid) for p in reference.rglob("*")} == {(10001, 10001)}
 
 
-def test_a_killed_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(manifests, host, reference, tmp_path):
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker-pod", "rendezvous-host-pod"])
+def test_a_killed_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
+    manifests, host, reference, tmp_path, victim
+):
     leftovers = Leftovers(tmp_path)
     with LocalJob(manifests, host, tmp_path) as job:
         job.start()
         run_dir = job.host_path(RUN_DIR)
         job.wait(timeout=240, until=lambda: max(checkpoint_steps(run_dir), default=0) >= 2 * CHECKPOINT_EVERY)
-        killed = job.kill(1)
+        killed = job.kill(victim)
         job.wait(timeout=240)
     leftovers.assert_none()
 
     logs = job.logs()
-    pods = [(pod.index, pod.exit_code) for pod in job.history]
-    assert sorted(pods) == [(0, 0), (1, 0), (1, 137)], logs
     assert killed.exit_code == 137
-    replacement = next(pod for pod in job.history if pod.index == 1 and pod is not killed)
+    assert sorted(pod.index for pod in job.history if pod.exit_code == 0) == [0, 1], logs
+    replacement = next(pod for pod in job.history if pod.index == victim and pod.exit_code == 0)
     assert replacement.plan.name != killed.plan.name and replacement.ip != killed.ip
+    if victim == 1:  # pod 0 survived: its torchrun (the rendezvous host) took the new pod in
+        assert [pod.exit_code for pod in job.history if pod.index == 0] == [0], logs
     # The run really resumed mid-run, from a checkpoint written before the kill.
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [event["step"] for event in events if event["event"] == "resume"]
     assert resumes and all(2 * CHECKPOINT_EVERY <= step < EPOCHS * STEPS_PER_EPOCH for step in resumes), logs
     assert_same_weights(run_dir, reference)
+
+
+def test_the_leftovers_of_a_crashed_run_are_removed_and_a_live_run_s_kept(tmp_path):
+    require_root_and_tools()
+    leftovers = Leftovers(tmp_path)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    crashed = f"{PREFIX}{ended.pid}-crashed"
+    live = Network(f"{PREFIX}{os.getpid()}")
+    live.create()
+    ip("netns", "add", crashed)
+    orphan = subprocess.Popen(["ip", "netns", "exec", crashed, "sleep", "300"])
+    try:
+        while not ip("netns", "pids", crashed).split():
+            time.sleep(0.01)
+        assert remove_leftovers() == [crashed]
+        assert orphan.wait(timeout=10) == -9
+        assert crashed not in netns_names() and live.node in netns_names()
+    finally:
+        if crashed in netns_names():
+            delete_netns(crashed)
+        live.destroy()
+    leftovers.assert_none()
