@@ -6,21 +6,22 @@
         job.wait(timeout=300)
 
 Four stages, each its own section below:
-1. kubelet rules (pure): `$(VAR)` expansion, env from value/fieldRef/configMapKeyRef, command vs
-   ENTRYPOINT, securityContext;
+1. kubelet rules (pure): `$(VAR)` expansion, env from value/fieldRef/resourceFieldRef/
+   configMapKeyRef, command vs ENTRYPOINT;
 2. the pod plan (pure): what one pod of a completion index is: hostname, env, argv, user, and
    its root filesystem as a list of steps (the image's files from docker/Dockerfile, the
-   kubelet's /etc files, the volumes);
+   kubelet's /etc files, the volumes), user and groups from the securityContext;
 3. the pod (root, run as `python k8s_local.py enter PLAN` inside the pod's namespaces): builds
    the root filesystem, chroots, drops to the pod's user, execs the container command;
 4. the network and the Job controller: a bridge namespace with a veth to each pod's network
    namespace; pods started per index, failed ones replaced as the Job controller does.
 
-Not emulated: the image itself (its files come from this checkout and .venv; `make image-test`
-runs the real image), the scheduler, resource limits, probes, NetworkPolicy, Secrets. Cluster DNS
-is a hosts file per pod listing exactly the names cluster DNS would answer from that pod.
+Not emulated: the image itself (its files come from this checkout and .venv, its OS from this
+machine's /usr and /etc; `make image-test` runs the real image), the API server, the scheduler,
+resource limits, probes, seccomp, NetworkPolicy, Secrets. Cluster DNS is a hosts file per pod
+listing exactly the names cluster DNS would answer from that pod, updated as pods come and go.
 
-Needs root, iproute2 (`ip`) and util-linux (`unshare`, `mount`).
+Needs root, iproute2 (`ip`), util-linux (`unshare`, `mount`) and the image's ENTRYPOINT (tini).
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def resource_field_ref(ref: dict, container: dict) -> str:
     if ref.get("containerName", container["name"]) != container["name"]:
         raise ManifestError(f"resourceFieldRef names container {ref['containerName']!r}, not {container['name']!r}")
     kind, _, resource = ref["resource"].partition(".")
-    value = container.get("resources", {}).get(kind, {}).get(resource)
+    resources = container.get("resources", {})
+    # An unset request defaults to the limit, as the API server fills it in.
+    value = resources.get(kind, {}).get(resource) or resources.get("limits", {}).get(resource)
     if value is None and kind == "limits":
         value = os.cpu_count() if resource == "cpu" else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return str(math.ceil(quantity(value or 0) / quantity(ref.get("divisor", 1))))
@@ -181,7 +184,7 @@ def quantity(text: str | int) -> float:
         "Gi": 2**30,
         "Ti": 2**40,
     }
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|[kMGT]i?|Ki)?", str(text))
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?", str(text))
     if not match:
         raise ManifestError(f"cannot read the quantity {text!r}")
     return float(match[1]) * units[match[2] or ""]
@@ -416,7 +419,6 @@ class Manifests:
 class PodPlan:
     """Everything `enter` needs to become one pod."""
 
-    index: int
     name: str
     hostname: str
     argv: list[str]
@@ -472,7 +474,6 @@ def plan_pod(
         raise ManifestError("runAsNonRoot is set but the container would run as root: the kubelet refuses to start it")
     groups = [*security.get("supplementalGroups", []), *([security["fsGroup"]] if "fsGroup" in security else [])]
     return PodPlan(
-        index=index,
         name=pod.name,
         hostname=manifests.hostname(index),
         argv=argv,
@@ -491,7 +492,7 @@ def plan_pod(
             *image_steps(image, host),
             *kubelet_steps(dirs.pod / "etc"),
             *volume_steps(manifests, container, dirs),
-        ],  # fmt: skip
+        ],
     )
 
 

@@ -25,6 +25,7 @@ from k8s_local import (
     hosts_file,
     image_steps,
     plan_pod,
+    quantity,
     resolve_env,
 )
 
@@ -108,6 +109,25 @@ def test_env_from_the_downward_api_and_config_maps():
         "CPUS": "2",  # rounded up, as the kubelet does
         "MEM_MI": "2048",
     }
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("2", 2), ("500m", 0.5), ("1.5", 1.5), ("256Mi", 256 * 2**20), ("1G", 10**9), ("3k", 3000)]
+)
+def test_quantities(text, value):
+    assert quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["1ki", "2 Gi", "-1", "1GB"])
+def test_unreadable_quantities_are_refused(text):
+    with pytest.raises(ManifestError):
+        quantity(text)
+
+
+def test_an_unset_request_reads_as_the_limit():
+    container = {"name": "c", "resources": {"limits": {"cpu": "2"}}}
+    ref = {"resourceFieldRef": {"resource": "requests.cpu"}}
+    assert resolve_env({**container, "env": [{"name": "R", "valueFrom": ref}]}, pod_facts(), {}) == {"R": "2"}
 
 
 @pytest.mark.parametrize(
