@@ -253,3 +253,9 @@ def test_pod_failure_policy_exit_code_rules(code, action):
         ]
     }
     assert failure_action(policy, "trainer", code) == action
+
+
+def test_pod_failure_policy_not_in_matches_every_other_exit_code():
+    policy = {"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "NotIn", "values": [1, 137]}}]}
+    assert failure_action(policy, "trainer", 3) == "FailIndex"
+    assert failure_action(policy, "trainer", 137) == "Count"
