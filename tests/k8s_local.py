@@ -530,7 +530,13 @@ def system_steps() -> list[Step]:
 
 def image_steps(image: ImageConfig, host: Host) -> list[Step]:
     """The image's own files, laid out as docker/Dockerfile's final stage does (a test compares)."""
-    venv, python_home = str(host.venv), str(host.python_home())
+    venv, python_home = str(host.venv), host.python_home()
+    # This venv was made at its host path: its scripts start `#!<host path>/bin/python` and its
+    # python links to the interpreter it was made from. Both must resolve in the pod (a system
+    # Python is already there, in /usr).
+    venv_origin = [Mount(venv, venv, fstype="overlay")]
+    if not python_home.is_relative_to("/usr"):
+        venv_origin.append(Mount(str(python_home), str(python_home), fstype="overlay"))
     return [
         Dir("/tmp", 0o1777),
         Dir("/app"),
@@ -538,10 +544,7 @@ def image_steps(image: ImageConfig, host: Host) -> list[Step]:
         Mount("/app/data", str(host.data), fstype="overlay"),
         Dir("/app/runs", 0o755, image.uid, image.gid),
         Mount("/opt/venv", venv, fstype="overlay"),
-        # This venv was made at its host path: its scripts start `#!<host path>/bin/python` and
-        # its python links to the interpreter it was made from. Both must resolve in the pod.
-        Mount(venv, venv, fstype="overlay"),
-        Mount(python_home, python_home, fstype="overlay"),
+        *venv_origin,
     ]
 
 
