@@ -245,20 +245,6 @@ def test_rendezvous_is_pod_0_of_the_job_under_the_headless_service(path):
 
 
 @pytest.mark.parametrize("path", JOB_OVERLAYS)
-def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
-    docs = render(path)
-    pod_labels = one(docs, "Job")["spec"]["template"]["metadata"]["labels"]
-    policy = one(docs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
-    # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
-    assert "ports" not in rule
-
-
-@pytest.mark.parametrize("path", JOB_OVERLAYS)
 def test_world_size_is_nodes_times_processes_and_splits_the_global_batch(path, tmp_path):
     docs = render(path)
     job = one(docs, "Job")
@@ -299,21 +285,40 @@ def test_failure_policy_exit_codes_are_the_jobs(path):
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 30
 
 
-def pod_specs(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
-    """Every pod spec in a render with the name of its training container."""
-    specs = []
+@pytest.mark.parametrize("path", [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)])
+def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
+    docs = render(path)
+    ((template, _),) = pod_templates(docs)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
+    # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
+    assert "ports" not in rule
+
+
+def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
+    """Every training pod template in a render, with the name of its training container."""
+    templates = []
     for d in docs:
         if d["kind"] == "Job":
-            specs.append((d["spec"]["template"]["spec"], "trainer"))
+            templates.append((d["spec"]["template"], "trainer"))
         elif d["kind"] == "PyTorchJob":
-            specs.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"], "pytorch"))
-    return specs
+            templates.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"], "pytorch"))
+        elif d["kind"] == "TrainJob":
+            (patch,) = d["spec"]["runtimePatches"]
+            (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+            templates.append((node["template"]["spec"]["template"], "node"))
+    return templates
 
 
 @pytest.mark.parametrize("path", [*JOB_OVERLAYS, "k8s/overlays/kubeflow-pytorchjob"])
 def test_run_directory_is_on_the_shared_volume_and_pods_are_hardened(path, tmp_path):
     docs = render(path)
-    ((pod, name),) = pod_specs(docs)
+    ((template, name),) = pod_templates(docs)
+    pod = template["spec"]
     trainer = container(pod, name)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
