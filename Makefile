@@ -166,8 +166,7 @@ k8s-render: $(K8S_STAMP) ## print the manifests `make submit` applies (OVERLAY=c
 	$(call k8s_kustomization,overlays/$(OVERLAY))
 	@$(KUBECTL) kustomize build/k8s/$(OVERLAY)
 
-submit: $(K8S_STAMP) ## run the job on the cluster: OVERLAY with the image REGISTRY/IMAGE:TAG (pushed by make push)
-	@test -n "$(REGISTRY)" || { echo "error: set REGISTRY (and TAG) to the image the cluster pulls, e.g. make submit REGISTRY=ghcr.io/you TAG=v1" >&2; exit 2; }
+submit: $(K8S_STAMP) ## run the job on the cluster: OVERLAY with the image REGISTRY/IMAGE:TAG (make image push)
 	$(call k8s_kustomization,overlays/$(OVERLAY))
 	$(KUBECTL) kustomize build/k8s/$(OVERLAY) | $(KUBECTL_NS) apply -f -
 
