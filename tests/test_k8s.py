@@ -120,20 +120,30 @@ def test_every_kustomization_renders(path):
     assert render(path)
 
 
-def test_the_fetch_mnist_component_renders_an_init_container_over_an_overlay(tmp_path):
-    overlay = tmp_path / "with-fetch"
+def render_with_component(component: str, tmp_path: Path) -> tuple[dict, ...]:
+    """The cpu overlay with one of k8s/components, as an overlay that uses it would render."""
+    overlay = tmp_path / "overlay"
     overlay.mkdir()
     rel = os.path.relpath(REPO / "k8s", overlay)
     (overlay / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/fetch-mnist]\n"
+        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/{component}]\n"
     )
     result = run([tool(K8S_BIN, "kubectl"), "kustomize", str(overlay)])
     assert result.returncode == 0, result.stderr
-    pod = one(tuple(yaml.safe_load_all(result.stdout)), "Job")["spec"]["template"]["spec"]
+    return tuple(yaml.safe_load_all(result.stdout))
+
+
+def test_the_fetch_mnist_component_fetches_into_the_trainers_data_dir_before_it_starts(tmp_path):
+    pod = one(render_with_component("fetch-mnist", tmp_path), "Job")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["args"] == ["python", "-m", "job", "data", "--root", "/app/data"]
     mounts = {m["name"]: m["mountPath"] for m in container(pod, "trainer")["volumeMounts"]}
     assert mounts["data"] == "/app/data" == {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["data"]
+
+
+def test_the_single_node_volume_component_makes_the_claim_read_write_once(tmp_path):
+    claim = one(render_with_component("single-node-volume", tmp_path), "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 def core_resources() -> list[dict]:
