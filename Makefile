@@ -64,6 +64,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
+	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
 
@@ -165,8 +166,7 @@ k8s-render: $(K8S_STAMP) ## print the manifests `make submit` applies (OVERLAY=c
 	$(call k8s_kustomization,overlays/$(OVERLAY))
 	@$(KUBECTL) kustomize build/k8s/$(OVERLAY)
 
-submit: $(K8S_STAMP) ## run the job on the cluster: OVERLAY with the image REGISTRY/IMAGE:TAG (pushed by make push)
-	@test -n "$(REGISTRY)" || { echo "error: set REGISTRY (and TAG) to the image the cluster pulls, e.g. make submit REGISTRY=ghcr.io/you TAG=v1" >&2; exit 2; }
+submit: $(K8S_STAMP) ## run the job on the cluster: OVERLAY with the image REGISTRY/IMAGE:TAG (make image push)
 	$(call k8s_kustomization,overlays/$(OVERLAY))
 	$(KUBECTL) kustomize build/k8s/$(OVERLAY) | $(KUBECTL_NS) apply -f -
 

@@ -120,20 +120,30 @@ def test_every_kustomization_renders(path):
     assert render(path)
 
 
-def test_the_fetch_mnist_component_renders_an_init_container_over_an_overlay(tmp_path):
-    overlay = tmp_path / "with-fetch"
+def render_with_component(component: str, tmp_path: Path) -> tuple[dict, ...]:
+    """The cpu overlay with one of k8s/components, as an overlay that uses it would render."""
+    overlay = tmp_path / "overlay"
     overlay.mkdir()
     rel = os.path.relpath(REPO / "k8s", overlay)
     (overlay / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/fetch-mnist]\n"
+        f"resources: [{rel}/overlays/cpu]\ncomponents: [{rel}/components/{component}]\n"
     )
     result = run([tool(K8S_BIN, "kubectl"), "kustomize", str(overlay)])
     assert result.returncode == 0, result.stderr
-    pod = one(tuple(yaml.safe_load_all(result.stdout)), "Job")["spec"]["template"]["spec"]
+    return tuple(yaml.safe_load_all(result.stdout))
+
+
+def test_the_fetch_mnist_component_fetches_into_the_trainers_data_dir_before_it_starts(tmp_path):
+    pod = one(render_with_component("fetch-mnist", tmp_path), "Job")["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     assert init["args"] == ["python", "-m", "job", "data", "--root", "/app/data"]
     mounts = {m["name"]: m["mountPath"] for m in container(pod, "trainer")["volumeMounts"]}
     assert mounts["data"] == "/app/data" == {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["data"]
+
+
+def test_the_single_node_volume_component_makes_the_claim_read_write_once(tmp_path):
+    claim = one(render_with_component("single-node-volume", tmp_path), "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 def core_resources() -> list[dict]:
@@ -245,20 +255,6 @@ def test_rendezvous_is_pod_0_of_the_job_under_the_headless_service(path):
 
 
 @pytest.mark.parametrize("path", JOB_OVERLAYS)
-def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
-    docs = render(path)
-    pod_labels = one(docs, "Job")["spec"]["template"]["metadata"]["labels"]
-    policy = one(docs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert policy["policyTypes"] == ["Ingress"]
-    (rule,) = policy["ingress"]
-    (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
-    # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
-    assert "ports" not in rule
-
-
-@pytest.mark.parametrize("path", JOB_OVERLAYS)
 def test_world_size_is_nodes_times_processes_and_splits_the_global_batch(path, tmp_path):
     docs = render(path)
     job = one(docs, "Job")
@@ -299,21 +295,40 @@ def test_failure_policy_exit_codes_are_the_jobs(path):
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 30
 
 
-def pod_specs(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
-    """Every pod spec in a render with the name of its training container."""
-    specs = []
+@pytest.mark.parametrize("path", [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)])
+def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
+    docs = render(path)
+    ((template, _),) = pod_templates(docs)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
+    # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
+    assert "ports" not in rule
+
+
+def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
+    """Every training pod template in a render, with the name of its training container."""
+    templates = []
     for d in docs:
         if d["kind"] == "Job":
-            specs.append((d["spec"]["template"]["spec"], "trainer"))
+            templates.append((d["spec"]["template"], "trainer"))
         elif d["kind"] == "PyTorchJob":
-            specs.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"], "pytorch"))
-    return specs
+            templates.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"], "pytorch"))
+        elif d["kind"] == "TrainJob":
+            (patch,) = d["spec"]["runtimePatches"]
+            (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+            templates.append((node["template"]["spec"]["template"], "node"))
+    return templates
 
 
 @pytest.mark.parametrize("path", [*JOB_OVERLAYS, "k8s/overlays/kubeflow-pytorchjob"])
 def test_run_directory_is_on_the_shared_volume_and_pods_are_hardened(path, tmp_path):
     docs = render(path)
-    ((pod, name),) = pod_specs(docs)
+    ((template, name),) = pod_templates(docs)
+    pod = template["spec"]
     trainer = container(pod, name)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in trainer["volumeMounts"]}
