@@ -23,7 +23,19 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_tiny_mnist
-from k8s_local import PREFIX, Host, LocalJob, Manifests, Network, delete_netns, ip, netns_names, remove_leftovers
+from k8s_local import (
+    BACKOFF_BASE_S,
+    PREFIX,
+    Host,
+    JobFailed,
+    LocalJob,
+    Manifests,
+    Network,
+    delete_netns,
+    ip,
+    netns_names,
+    remove_leftovers,
+)
 from test_k8s import K8S_BIN, tool
 from test_resume import assert_same_weights
 
@@ -221,13 +233,42 @@ def test_a_killed_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
     assert sorted(pod.index for pod in job.history if pod.exit_code == 0) == [0, 1], logs
     replacement = next(pod for pod in job.history if pod.index == victim and pod.exit_code == 0)
     assert replacement.plan.name != killed.plan.name and replacement.ip != killed.ip
+    others = [pod.exit_code for pod in job.history if pod.index != victim]
     if victim == 1:  # pod 0 survived: its torchrun (the rendezvous host) took the new pod in
-        assert [pod.exit_code for pod in job.history if pod.index == 0] == [0], logs
+        assert others == [0], logs
+    else:  # pod 1 lost the rendezvous store with pod 0: it failed too (one failure on its index)
+        assert others == [1, 0], logs
     # The run really resumed mid-run, from a checkpoint written before the kill.
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [event["step"] for event in events if event["event"] == "resume"]
     assert resumes and all(2 * CHECKPOINT_EVERY <= step < EPOCHS * STEPS_PER_EPOCH for step in resumes), logs
     assert_same_weights(run_dir, reference)
+
+
+@pytest.mark.parametrize(
+    ("script", "outcome"),
+    [
+        ("exit 2", "FailJob"),  # bad input: retrying cannot help
+        # preempted once per index: replaced at once, no failure counted, then done
+        ('[ -e "/app/runs/once-$JOB_COMPLETION_INDEX" ] || { touch "/app/runs/once-$JOB_COMPLETION_INDEX"; exit 75; }',
+         "replaced"),
+    ],
+    ids=["bad-input", "preempted"],
+)  # fmt: skip
+def test_the_job_s_failure_policy_decides_what_a_pod_s_exit_code_does(manifests, host, tmp_path, script, outcome):
+    probe = copy.deepcopy(manifests)
+    probe.container()["args"] = ["/bin/sh", "-c", script]
+    started = time.monotonic()
+    with LocalJob(probe, host, tmp_path) as job:
+        job.start()
+        if outcome == "FailJob":
+            with pytest.raises(JobFailed, match="podFailurePolicy: FailJob on exit code 2"):
+                job.wait(timeout=60)
+        else:
+            job.wait(timeout=60)
+            assert sorted((pod.index, pod.exit_code) for pod in job.history) == [(0, 0), (0, 75), (1, 0), (1, 75)]
+            assert job.failures == [0, 0]
+    assert time.monotonic() - started < BACKOFF_BASE_S, "no back-off: nothing counted as a failure"
 
 
 def test_the_leftovers_of_a_crashed_run_are_removed_and_a_live_run_s_kept(tmp_path):
