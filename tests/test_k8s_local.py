@@ -5,7 +5,9 @@ user writes to train on their own data: the configMapGenerator adds tiny.yaml (g
 data: no checksums, a small run) and JOB_CONFIG names it. Nothing else of the rendered Job
 changes: tests/k8s_local.py runs its exact command, args and env in one "pod" per
 completion index (own network, mount, UTS and PID namespaces; pod IP, hostname, DNS names,
-volumes, user). A shared directory stands in for the PersistentVolumeClaim.
+volumes, user). A shared directory stands in for the PersistentVolumeClaim. (The probe and
+exit-code tests replace the container's args, as an overlay patch could, to look at what the
+pods see and at what the Job does with their exit codes.)
 
 Needs root, iproute2, util-linux and tini; .venv-k8s's kubectl renders the manifests.
 """
