@@ -956,6 +956,21 @@ class LocalJob:
         pod.process.wait()
         return pod
 
+    def terminate(self, index: int) -> Pod:
+        """Delete index's pod gracefully, as a preemption or an eviction does: SIGTERM to the
+        container's PID 1, SIGKILL to whatever is left after terminationGracePeriodSeconds."""
+        import psutil
+
+        pod = self.running[index]
+        (init,) = psutil.Process(pod.process.pid).children()  # unshare's child: PID 1 in the pod
+        init.send_signal(signal.SIGTERM)
+        try:
+            pod.process.wait(timeout=self.manifests.pod_spec.get("terminationGracePeriodSeconds", 30))
+        except subprocess.TimeoutExpired:
+            kill_netns_processes(pod.netns)
+            pod.process.wait()
+        return pod
+
     def wait(self, timeout: float, until: Callable[[], bool] | None = None) -> bool:
         """Run the controller until every index succeeded (True) or `until()` holds (False)."""
         deadline = time.monotonic() + timeout

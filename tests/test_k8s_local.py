@@ -217,29 +217,36 @@ def test_two_pods_train_the_job_to_completion(reference):
     assert {(p.stat().st_uid, p.stat().st_gid) for p in reference.rglob("*")} == {(10001, 10001)}
 
 
-@pytest.mark.parametrize("victim", [1, 0], ids=["worker-pod", "rendezvous-host-pod"])
-def test_a_killed_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
-    manifests, host, reference, tmp_path, victim
+@pytest.mark.parametrize(
+    ("victim", "how"),
+    [(1, "kill"), (0, "kill"), (1, "terminate")],
+    ids=["killed-worker-pod", "killed-rendezvous-host-pod", "preempted-worker-pod"],
+)
+def test_a_lost_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
+    manifests, host, reference, tmp_path, victim, how
 ):
+    """kill: SIGKILL to the pod's whole process tree (a lost node, an OOM kill); terminate: the
+    graceful deletion of a preemption (SIGTERM, then SIGKILL after the grace period)."""
     leftovers = Leftovers(tmp_path)
     with LocalJob(manifests, host, tmp_path) as job:
         job.start()
         run_dir = job.host_path(RUN_DIR)
         job.wait(timeout=240, until=lambda: max(checkpoint_steps(run_dir), default=0) >= 2 * CHECKPOINT_EVERY)
-        killed = job.kill(victim)
+        lost = getattr(job, how)(victim)
         job.wait(timeout=240)
     leftovers.assert_none()
 
     logs = job.logs()
-    assert killed.exit_code == 137
     assert sorted(pod.index for pod in job.history if pod.exit_code == 0) == [0, 1], logs
     replacement = next(pod for pod in job.history if pod.index == victim and pod.exit_code == 0)
-    assert replacement.plan.name != killed.plan.name and replacement.ip != killed.ip
+    assert replacement.plan.name != lost.plan.name and replacement.ip != lost.ip
     others = [pod.exit_code for pod in job.history if pod.index != victim]
-    if victim == 1:  # pod 0 survived: its torchrun (the rendezvous host) took the new pod in
-        assert others == [0], logs
+    if how == "terminate":  # every rank stopped at the same step and checkpointed: 75, not a failure
+        assert lost.exit_code == 75 and others == [0] and job.failures == [0, 0], logs
+    elif victim == 1:  # pod 0 survived: its torchrun (the rendezvous host) took the new pod in
+        assert lost.exit_code == 137 and others == [0], logs
     else:  # pod 1 lost the rendezvous store with pod 0: it failed too (one failure on its index)
-        assert others == [1, 0], logs
+        assert lost.exit_code == 137 and others == [1, 0], logs
     # The run really resumed mid-run, from a checkpoint written before the kill.
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [event["step"] for event in events if event["event"] == "resume"]
