@@ -631,8 +631,8 @@ def enter(plan: PodPlan) -> None:
     os.setgroups(plan.groups)
     os.setgid(plan.gid)
     os.setuid(plan.uid)
-    if plan.no_new_privs:
-        ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if plan.no_new_privs and ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     try:
         os.execvpe(plan.argv[0], plan.argv, plan.env)
     except OSError as error:  # what the runtime reports as a failed container start
