@@ -267,6 +267,7 @@ def test_a_lost_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
 def test_the_job_s_failure_policy_decides_what_a_pod_s_exit_code_does(manifests, host, tmp_path, script, outcome):
     probe = copy.deepcopy(manifests)
     probe.container()["args"] = ["/bin/sh", "-c", script]
+    leftovers = Leftovers(tmp_path)
     started = time.monotonic()
     with LocalJob(probe, host, tmp_path) as job:
         job.start()
@@ -278,6 +279,17 @@ def test_the_job_s_failure_policy_decides_what_a_pod_s_exit_code_does(manifests,
             assert sorted((pod.index, pod.exit_code) for pod in job.history) == [(0, 0), (0, 75), (1, 0), (1, 75)]
             assert job.failures == [0, 0]
     assert time.monotonic() - started < BACKOFF_BASE_S, "no back-off: nothing counted as a failure"
+    leftovers.assert_none()
+
+
+def test_an_error_while_the_pods_run_leaves_nothing_behind(manifests, host, tmp_path):
+    leftovers = Leftovers(tmp_path)
+    with pytest.raises(RuntimeError, match="a failing test"), LocalJob(manifests, host, tmp_path) as job:
+        job.start()
+        job.wait(timeout=120, until=lambda: (job.host_path(RUN_DIR) / "config.yaml").exists())  # training
+        raise RuntimeError("a failing test")
+    assert all(pod.process.poll() is not None for pod in job.history)
+    leftovers.assert_none()
 
 
 def test_the_leftovers_of_a_crashed_run_are_removed_and_a_live_run_s_kept(tmp_path):
