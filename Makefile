@@ -40,17 +40,31 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 # Linters for docker/Dockerfile live in their own venv: checkov's dependencies must not
 # move the project's pins.
 LINT_VENV ?= .venv-lint
+# Kubernetes: kubectl (with kustomize), the schema validator and the Kubeflow models,
+# in their own venv too (k8s/requirements.txt). KUBECTL=kubectl uses yours instead.
+K8S_VENV ?= .venv-k8s
+KUBECTL ?= $(K8S_VENV)/bin/kubectl
+# k8s/overlays/OVERLAY: cpu, gpu, kubeflow-pytorchjob or kubeflow-trainjob. The pods run
+# REGISTRY/IMAGE:TAG (what `make image push` made); NAMESPACE empty = kubectl's current one.
+OVERLAY ?= cpu
+NAMESPACE ?=
+# What `make status` and `make delete` look for: the overlay's kind of job.
+K8S_KIND = $(if $(filter kubeflow-pytorchjob,$(OVERLAY)),pytorchjob,$(if $(filter kubeflow-trainjob,$(OVERLAY)),trainjob,job))
+K8S_PODS = -l app.kubernetes.io/name=mnist-ddp,app.kubernetes.io/component=trainer
+KUBECTL_NS = $(KUBECTL)$(if $(NAMESPACE), -n $(NAMESPACE))
 
 STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
+K8S_STAMP := $(K8S_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test lint format \
-	image push image-test clean distclean
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test \
+	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test clean distclean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
+	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
 
@@ -110,7 +124,7 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
-test: $(STAMP) ## run the tests (multi-process gloo, launchers, one real-MNIST training); the image: image-test
+test: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(LINT_STAMP): docker/lint-requirements.txt
@@ -118,11 +132,17 @@ $(LINT_STAMP): docker/lint-requirements.txt
 	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check -r docker/lint-requirements.txt
 	touch $@
 
-lint: $(STAMP) $(LINT_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile
-	$(VENV)/bin/ruff check job tests
-	$(VENV)/bin/ruff format --check job tests
+$(K8S_STAMP): k8s/requirements.txt
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check -r k8s/requirements.txt
+	touch $@
+
+lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile; checkov on the k8s manifests
+	$(VENV)/bin/ruff check job tests k8s
+	$(VENV)/bin/ruff format --check job tests k8s
 	$(LINT_VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile
 	$(LINT_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile -f docker/Dockerfile
+	$(PY) -m pytest -q tests/test_k8s.py -k checkov
 
 format: $(STAMP) ## ruff: apply formatting and safe fixes
 	$(VENV)/bin/ruff format job tests
@@ -141,9 +161,49 @@ push: ## push REGISTRY/IMAGE:TAG (built by `make image`)
 image-test: $(STAMP) ## build the image on a local Debian base and train + evaluate in it (needs root, buildah, podman)
 	$(PY) -m pytest -m image tests/test_image.py $(PYTEST_ARGS)
 
+# A kustomization in build/k8s/ that sets the image (and namespace) over a kustomization of
+# k8s/: kubectl's built-in kustomize has no `edit`, and the tree under k8s/ stays untouched.
+define k8s_kustomization
+	@mkdir -p build/k8s/$(notdir $(1))
+	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
+		'resources: [../../../k8s/$(1)]' $(if $(NAMESPACE),'namespace: $(NAMESPACE)') \
+		'images: [{name: mnist-ddp, newName: $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE), newTag: "$(TAG)"}]' \
+		> build/k8s/$(notdir $(1))/kustomization.yaml
+endef
+
+k8s-render: $(K8S_STAMP) ## print the manifests `make submit` applies (OVERLAY=cpu|gpu|kubeflow-pytorchjob|kubeflow-trainjob, REGISTRY, TAG)
+	$(call k8s_kustomization,overlays/$(OVERLAY))
+	@$(KUBECTL) kustomize build/k8s/$(OVERLAY)
+
+submit: $(K8S_STAMP) ## run the job on the cluster: OVERLAY with the image REGISTRY/IMAGE:TAG (make image push)
+	$(call k8s_kustomization,overlays/$(OVERLAY))
+	$(KUBECTL) kustomize build/k8s/$(OVERLAY) | $(KUBECTL_NS) apply -f -
+
+status: $(K8S_STAMP) ## the job (OVERLAY's kind) and its pods: phase, restarts, node
+	$(KUBECTL_NS) get $(K8S_KIND) mnist-ddp
+	$(KUBECTL_NS) get pods $(K8S_PODS) -o wide
+
+logs: $(K8S_STAMP) ## follow every pod's log, each line prefixed with its pod
+	$(KUBECTL_NS) logs $(K8S_PODS) --prefix --tail=100 --follow --max-log-requests=32
+
+k8s-tensorboard: $(K8S_STAMP) ## TensorBoard on the cluster's run volume, on localhost:TB_PORT (port-forward)
+	$(call k8s_kustomization,tensorboard)
+	$(KUBECTL) kustomize build/k8s/tensorboard | $(KUBECTL_NS) apply -f -
+	$(KUBECTL_NS) rollout status deployment/mnist-ddp-tensorboard --timeout=300s
+	$(KUBECTL_NS) port-forward deployment/mnist-ddp-tensorboard $(TB_PORT):6006
+
+delete: $(K8S_STAMP) ## delete the job, its pods, Service, ConfigMaps, TensorBoard; the run volume stays (PURGE=1: it too)
+	$(KUBECTL_NS) delete $(K8S_KIND) mnist-ddp --ignore-not-found
+	$(KUBECTL_NS) delete service,networkpolicy,configmap,deployment -l app.kubernetes.io/part-of=mnist-ddp --ignore-not-found
+	$(if $(filter 1,$(PURGE)),$(KUBECTL_NS) delete pvc mnist-ddp-runs --ignore-not-found)
+
+# Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); .venv-k8s's kubectl renders.
+k8s-local-test: $(STAMP) $(K8S_STAMP) ## run k8s/overlays/cpu's Job as 2 local "pods" (namespaces); kill one; same bits (root)
+	$(PY) -m pytest -m k8s_local tests/test_k8s_local.py $(PYTEST_ARGS)
+
 clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-distclean: clean ## also remove .venv, .venv-lint, data/ and build/
-	rm -rf $(VENV) $(LINT_VENV) data build *.egg-info
+distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, data/ and build/
+	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) data build *.egg-info
