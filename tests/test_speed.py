@@ -40,7 +40,7 @@ def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
-def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path) -> None:
+def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
     summary = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
     # Off, the generated digits are learned to 100% in two epochs; chance is 10%. The switches
     # change the arithmetic (bf16, kernel order) or the dropout stream (compile), so the figure
@@ -49,6 +49,9 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path) ->
     state = torch.load(tmp_path / switch / "model.pt", weights_only=True)
     assert all(t.is_contiguous() for t in state.values()), "model.pt must hold default-layout tensors"
     Net().load_state_dict(state)
+    if switch != "data_on_device":  # that one changes nothing on CPU (next test)
+        off = torch.load(baseline[0] / "model.pt", weights_only=True)
+        assert any(not torch.equal(state[k], off[k]) for k in off), f"speed.{switch}=true changed nothing"
     config = (tmp_path / switch / "config.yaml").read_text()
     assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
 
