@@ -203,12 +203,13 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
             action()
         except JobError as e:
             error = e
-    failed = torch.tensor([1.0 if error is not None else 0.0], device=ctx.device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
+    code = torch.tensor([error.exit_code if error is not None else 0], device=ctx.device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
-    if failed.item():
-        raise PeerFailedError(f"another rank failed while {step}")
+    if code.item():
+        raise PeerFailedError(f"another rank failed while {step}", exit_code=int(code.item()))
 
 
 def broadcast_bytes(ctx: DistContext, data: bytes | None) -> bytes:

@@ -53,9 +53,15 @@ class LaunchEnvError(LaunchError):
 
 
 class PeerFailedError(JobError):
-    """Another rank failed a step this rank waited on; that rank printed the reason."""
+    """Another rank failed a step this rank waited on; that rank printed the reason. This rank
+    exits with the failed rank's code, so that a supervisor (a Job's podFailurePolicy) reads the
+    same verdict from every pod: 2 bad input, 1 a run-time failure worth a retry."""
 
     quiet = True
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class RunFailedError(JobError):

@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 from chaos import kill_tree
-from conftest import BIN, assert_ok, clean_env, make_tiny_mnist, run_job, tiny_overrides
+from conftest import BIN, REPO, assert_ok, clean_env, make_tiny_mnist, run_job, tiny_overrides
 from test_resume import assert_same_weights, checkpoint
 
-from job.errors import EXIT_PREEMPTED
+from job.errors import EXIT_FAILED, EXIT_PREEMPTED
 
 STEPS_PER_EPOCH = 50
 
@@ -225,3 +225,21 @@ def test_other_runtime_errors_keep_their_traceback():
     from job.dist import peer_lost_error
 
     assert peer_lost_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), timeout_s=5) is None
+
+
+def test_a_run_time_failure_on_one_rank_is_a_run_time_failure_on_every_rank(tiny_root, tmp_path):
+    """Rank 0's disk fills while rank 1 waits for the checkpoint: both exit 1 (a restart may
+    help), never 2 (bad input), which a Job's podFailurePolicy turns into failing the Job."""
+    port, run_dir = str(free_port()), tmp_path / "run"
+    args = ["train", *tiny_overrides(tiny_root, run_dir, "checkpoint.every_steps=3", "checkpoint.keep=100")]
+    ranks = []
+    commands = [[sys.executable, str(REPO / "tests/probes/disk_full.py"), "3"], [sys.executable, "-m", "job"]]
+    for rank, cmd in enumerate(commands):
+        env = clean_env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        ranks.append(start([*cmd, *args], tmp_path / f"rank{rank}.log", env))
+    codes = [job.wait(timeout=300) for job in ranks]
+    assert codes == [EXIT_FAILED, EXIT_FAILED], [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
+    assert "No space left on device" in (tmp_path / "rank0.log").read_text()
