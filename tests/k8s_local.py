@@ -492,6 +492,9 @@ def plan_pod(
             *image_steps(image, host),
             *kubelet_steps(dirs.pod / "etc"),
             *volume_steps(manifests, container, dirs),
+            # Last, so that a volume (an emptyDir on /tmp) cannot hide it when the checkout
+            # lives under a volume's mount path (a clone in /tmp).
+            *venv_origin_steps(host),
         ],
     )
 
@@ -530,22 +533,25 @@ def system_steps() -> list[Step]:
 
 def image_steps(image: ImageConfig, host: Host) -> list[Step]:
     """The image's own files, laid out as docker/Dockerfile's final stage does (a test compares)."""
-    venv, python_home = str(host.venv), host.python_home()
-    # This venv was made at its host path: its scripts start `#!<host path>/bin/python` and its
-    # python links to the interpreter it was made from. Both must resolve in the pod (a system
-    # Python is already there, in /usr).
-    venv_origin = [Mount(venv, venv, fstype="overlay")]
-    if not python_home.is_relative_to("/usr"):
-        venv_origin.append(Mount(str(python_home), str(python_home), fstype="overlay"))
     return [
         Dir("/tmp", 0o1777),
         Dir("/app"),
         Mount("/app/job", str(host.checkout / "job"), fstype="overlay"),
         Mount("/app/data", str(host.data), fstype="overlay"),
         Dir("/app/runs", 0o755, image.uid, image.gid),
-        Mount("/opt/venv", venv, fstype="overlay"),
-        *venv_origin,
+        Mount("/opt/venv", str(host.venv), fstype="overlay"),
     ]
+
+
+def venv_origin_steps(host: Host) -> list[Step]:
+    """This venv was made at its host path: its scripts start `#!<host path>/bin/python` and its
+    python links to the interpreter it was made from. Both must resolve in the pod (a system
+    Python is already there, in /usr)."""
+    venv, python_home = str(host.venv), host.python_home()
+    steps: list[Step] = [Mount(venv, venv, fstype="overlay")]
+    if not python_home.is_relative_to("/usr"):
+        steps.append(Mount(str(python_home), str(python_home), fstype="overlay"))
+    return steps
 
 
 def kubelet_steps(files: Path) -> list[Step]:
