@@ -93,7 +93,7 @@ class SpeedConfig:
     channels_last: bool = False
     """Convolutions in channels-last memory layout (the layout GPU tensor cores want); changes the bits."""
     compile: bool = False
-    """torch.compile the model (needs a C compiler; the first steps pay the compile time); changes the bits."""
+    """torch.compile the model (needs a C++ compiler; the first steps pay the compile time); changes the bits."""
     data_on_device: bool = False
     """Keep the whole dataset in the training device's memory (about 220 MB per rank on a GPU): no copy per step."""
 

@@ -3,9 +3,10 @@
 While training, the handler only raises a flag; the ranks agree on it every
 STOP_VOTE_EVERY_STEPS steps and at each epoch's last step (an all-reduce started with the
 step, so it overlaps the step's work), then all of them stop after the same step, rank 0
-writes a checkpoint, and every rank exits with EXIT_PREEMPTED. Before training starts there is nothing to save and the
-default action (terminate) stays: a Python handler would not even run while the
-process waits inside a C++ rendezvous, and everything written so far is atomic.
+writes a checkpoint, and every rank exits with EXIT_PREEMPTED. Before training starts
+there is nothing to save and the default action (terminate) stays: a Python handler
+would not even run while the process waits inside a C++ rendezvous, and everything
+written so far is atomic.
 """
 
 from __future__ import annotations
