@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides
+from test_resume import assert_same_weights
 
 from job import data
 from job.model import Net
-from tests.conftest import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides
 
 SWITCHES = {
     "bf16": ["speed.bf16=true"],
@@ -60,9 +61,7 @@ def test_data_on_device_is_the_same_run_on_cpu(tiny_root: Path, tmp_path: Path, 
     """On CPU the dataset already lives in the device's memory: the switch must change no bit."""
     off_dir, _ = baseline
     train(tiny_root, tmp_path / "on", "speed.data_on_device=true")
-    on = torch.load(tmp_path / "on" / "model.pt", weights_only=True)
-    off = torch.load(off_dir / "model.pt", weights_only=True)
-    assert all(torch.equal(on[k], off[k]) for k in off)
+    assert_same_weights(tmp_path / "on", off_dir)
 
 
 def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
@@ -79,9 +78,7 @@ def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path:
     first = train(tiny_root, tmp_path / "a", nproc=None)
     second = train(tiny_root, tmp_path / "b", nproc=1)
     assert first["test_accuracy"] == second["test_accuracy"]
-    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(tmp_path / "b", tmp_path / "a")
 
 
 def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path: Path) -> None:
