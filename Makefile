@@ -86,7 +86,7 @@ config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
 train-local: $(STAMP) ## train with torchrun on this host (NPROC ranks: GPUs, else 2 CPU); resumes a killed run
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} \
-		$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) --max-restarts $(MAX_RESTARTS) \
+		$(PY) -m job.launch --standalone --nproc-per-node $(NPROC) --max-restarts $(MAX_RESTARTS) \
 		-m job train --config $(CONFIG) $(ARGS)
 
 train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG from job/configs/accelerate/)

@@ -10,18 +10,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, clean_env
+from conftest import REPO
 
 from job.config import load_config, rank_batch_size
-from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 K8S_BIN = REPO / ".venv-k8s" / "bin"
 LINT_BIN = REPO / ".venv-lint" / "bin"
@@ -375,7 +372,7 @@ def test_the_pytorchjob_is_elastic_over_world_sizes_that_split_the_batch(tmp_pat
     assert elastic["minReplicas"] <= replicas <= elastic["maxReplicas"]
     pod = spec["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
     command = container(pod, "pytorch")["command"]
-    assert command[:4] == ["/usr/bin/tini", "--", "python", "/etc/mnist-ddp/launcher/torchrun.py"]
+    assert command[:5] == ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
     _, overrides = config_of(command[command.index("train") + 1 :])
     cfg = load_job_config(docs, "default.yaml", overrides, tmp_path)
     for nodes in range(elastic["minReplicas"], elastic["maxReplicas"] + 1):
@@ -387,7 +384,7 @@ def test_the_trainjob_runs_the_launcher_on_the_torch_runtime(tmp_path):
     spec = one(docs, "TrainJob")["spec"]
     trainer = spec["trainer"]
     assert spec["runtimeRef"]["name"] == "torch-distributed"
-    assert trainer["command"][:4] == ["/usr/bin/tini", "--", "python", "/etc/mnist-ddp/launcher/torchrun.py"]
+    assert trainer["command"][:5] == ["/usr/bin/tini", "--", "python", "-m", "job.launch"]
     command = trainer["command"]
     _, overrides = config_of(command[command.index("train") + 1 :])
     cfg = load_job_config(docs, "default.yaml", overrides, tmp_path)
@@ -398,64 +395,3 @@ def test_the_trainjob_runs_the_launcher_on_the_torch_runtime(tmp_path):
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     assert {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v} <= names
     assert {m["mountPath"] for m in container(pod, "node")["volumeMounts"]} >= {"/app/runs", "/dev/shm", "/tmp"}
-
-
-# --- the launcher: torchrun's exit status as the workers' -----------------------------
-
-WORKER = """
-import pathlib, signal, sys, time
-code = int(sys.argv[1])
-if code == -15:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
-    pathlib.Path(sys.argv[2]).touch()
-    time.sleep(60)
-sys.exit(code)
-"""
-LAUNCHER = REPO / "k8s/common/torchrun.py"
-
-
-def launch(tmp_path: Path, *worker_args: str, launcher: bool = True) -> subprocess.Popen[str]:
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
-    torchrun = [sys.executable, str(LAUNCHER)] if launcher else [str(Path(sys.executable).parent / "torchrun")]
-    cmd = [*torchrun, "--standalone", "--nproc-per-node", "2", str(worker), *worker_args]
-    return subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=clean_env(PYTHONPATH=str(REPO)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_torchrun_itself_exits_1_when_its_workers_exit_75(tmp_path):
-    """Why the launcher exists: torchrun hides its workers' codes."""
-    assert launch(tmp_path, str(EXIT_PREEMPTED), launcher=False).wait(timeout=120) == EXIT_FAILED
-
-
-@pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
-def test_the_launcher_exits_with_the_workers_code(tmp_path, code):
-    assert launch(tmp_path, str(code)).wait(timeout=120) == code
-
-
-def test_the_launcher_exits_75_when_sigterm_stops_torchrun(tmp_path):
-    ready = tmp_path / "ready"
-    process = launch(tmp_path, "-15", str(ready))
-    deadline = time.monotonic() + 60
-    while not ready.exists():  # a worker has its SIGTERM handler
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == EXIT_PREEMPTED
-
-
-def test_the_launcher_maps_mixed_codes_to_the_most_telling_one():
-    sys.path.insert(0, str(LAUNCHER.parent))
-    try:
-        from torchrun import exit_code
-    finally:
-        sys.path.remove(str(LAUNCHER.parent))
-    assert exit_code({EXIT_BAD_INPUT, EXIT_FAILED}) == EXIT_BAD_INPUT
-    assert exit_code({EXIT_PREEMPTED, -9}) == EXIT_FAILED
-    assert exit_code({EXIT_FAILED}) == EXIT_FAILED

@@ -1,0 +1,86 @@
+"""`python -m job.launch [torchrun arguments]`: torchrun that never retries bad input and whose
+exit status says what its workers did.
+
+Every launcher the project ships (make train-local, the image, Kubernetes, Slurm) starts
+the job through this module, because plain torchrun (measured with torch 2.14.1):
+- restarts the worker group up to --max-restarts times whatever a worker's exit code, so a
+  config error found inside the workers was printed four times over ~50 s before failing;
+- exits 1 when a worker fails, whatever its code, and 1 again when SIGTERM stops it, so a
+  Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75.
+
+Here a worker that exits 2 (bad input) or 75 (stopped after a checkpoint) ends the run at
+once: no retry can fix the one, and the other was asked to stop. Any other failure (a lost
+peer, a crash) is still restarted by torchrun's elastic agent, up to --max-restarts. The exit
+status is the job's own (job/errors.py):
+  2   a worker exited 2: bad input, retrying cannot help
+  75  every failed worker exited 75, or SIGTERM stopped torchrun: preempted after a
+      checkpoint; start the same command again to resume
+  1   anything else: a run-time failure (a retry may help)
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from collections.abc import Iterable
+
+from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+
+FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_PREEMPTED})
+"""Worker exit codes after which restarting the group cannot help."""
+
+
+def exit_code(worker_codes: Iterable[int]) -> int:
+    """The launcher's exit status for the failed workers' exit codes."""
+    codes = set(worker_codes)
+    if EXIT_BAD_INPUT in codes:
+        return EXIT_BAD_INPUT
+    if codes == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED
+    return EXIT_FAILED
+
+
+def _no_restart_after_final_codes() -> None:
+    """Make the elastic agent stop, not restart, when a worker exits with a final code.
+
+    The agent restarts while `_remaining_restarts > 0` after `_monitor_workers` reports a
+    failed group (torch/distributed/elastic/agent/server/api.py, `_invoke_run`); torch has no
+    public switch for "do not retry this exit code", so the check wraps that one method.
+    """
+    from torch.distributed.elastic.agent.server.api import WorkerState
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    @functools.wraps(monitor)
+    def monitor_workers(self, worker_group):  # noqa: ANN001, ANN202 (torch's private signature)
+        result = monitor(self, worker_group)
+        if result.state == WorkerState.FAILED and {f.exitcode for f in result.failures.values()} & FINAL_CODES:
+            self._remaining_restarts = 0
+        return result
+
+    LocalElasticAgent._monitor_workers = monitor_workers
+
+
+def main() -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    _no_restart_after_final_codes()
+    try:
+        torchrun()
+    except ChildFailedError as e:
+        return exit_code(failure.exitcode for failure in e.failures.values())
+    except SignalException as e:
+        # torchrun has already passed the signal on to its workers and waited for them to
+        # checkpoint and exit.
+        if e.sigval != signal.SIGTERM:
+            raise
+        return EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

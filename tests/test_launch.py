@@ -1,0 +1,92 @@
+"""job.launch: torchrun that never retries bad input and exits with its workers' verdict.
+
+Real torchrun agents and worker processes; the workers are tiny scripts that exit with the
+code a test asks for, so what is measured is the launcher, not the job.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, clean_env
+
+from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from job.launch import exit_code
+
+WORKER = """
+import pathlib, signal, sys, time
+code = int(sys.argv[1])
+with open("starts", "a") as f:  # one line per worker start: restarts show up here
+    f.write("x\\n")
+if code == -15:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+    pathlib.Path(sys.argv[2]).touch()
+    time.sleep(60)
+sys.exit(code)
+"""
+
+
+def launch(tmp_path: Path, *worker_args: str, launcher: bool = True, max_restarts: int = 0) -> subprocess.Popen[str]:
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun = [sys.executable, "-m", "job.launch"] if launcher else [str(Path(sys.executable).parent / "torchrun")]
+    cmd = [
+        *torchrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", str(max_restarts),
+        "--monitor-interval", "0.1", str(worker), *worker_args,
+    ]  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def starts(tmp_path: Path) -> int:
+    return len((tmp_path / "starts").read_text().splitlines())
+
+
+def test_torchrun_itself_exits_1_when_its_workers_exit_75(tmp_path):
+    """Why the launcher exists: torchrun hides its workers' codes."""
+    assert launch(tmp_path, str(EXIT_PREEMPTED), launcher=False).wait(timeout=120) == EXIT_FAILED
+
+
+@pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
+def test_the_launcher_exits_with_the_workers_code(tmp_path, code):
+    assert launch(tmp_path, str(code)).wait(timeout=120) == code
+
+
+@pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
+def test_the_launcher_never_restarts_after_bad_input_or_a_stop(tmp_path, code):
+    """Plain torchrun --max-restarts 3 would start the group 4 times for a config error."""
+    assert launch(tmp_path, str(code), max_restarts=3).wait(timeout=120) == code
+    assert starts(tmp_path) == 2  # the two workers, once
+
+
+def test_the_launcher_still_restarts_after_a_run_time_failure(tmp_path):
+    assert launch(tmp_path, str(EXIT_FAILED), max_restarts=2).wait(timeout=120) == EXIT_FAILED
+    assert starts(tmp_path) == 2 * 3  # the first start and two restarts
+
+
+def test_the_launcher_exits_75_when_sigterm_stops_torchrun(tmp_path):
+    ready = tmp_path / "ready"
+    process = launch(tmp_path, "-15", str(ready))
+    deadline = time.monotonic() + 60
+    while not ready.exists():  # a worker has its SIGTERM handler
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == EXIT_PREEMPTED
+
+
+def test_the_launcher_maps_mixed_codes_to_the_most_telling_one():
+    assert exit_code({EXIT_BAD_INPUT, EXIT_FAILED}) == EXIT_BAD_INPUT
+    assert exit_code({EXIT_PREEMPTED, -9}) == EXIT_FAILED
+    assert exit_code({EXIT_FAILED}) == EXIT_FAILED
