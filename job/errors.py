@@ -1,14 +1,20 @@
 """Errors the CLI reports as one line (never a traceback), each kind with its own exit code.
 
-Exit codes, so that launchers and Kubernetes failure policies can tell them apart:
-2 bad input (config, data, launcher env, paths: retrying cannot help), 1 a failure
-at run time (a peer lost, a disk full: a restart may help), 75 stopped by SIGTERM
-after writing a checkpoint (preemption: resume by starting the job again).
+The exit code is the error's kind, so launchers and cluster policies can tell them apart
+(a Kubernetes podFailurePolicy, Slurm's RequeueExit, job.launch's no-restart rule):
+- BadInputError, exit 2: the config, the data, the launcher environment, a path or a file
+  is wrong. Retrying cannot help; the message says how to fix it.
+- RunFailedError, exit 1: the input was fine but the run could not go on (a peer lost, a
+  disk full). A restart may help, and resumes from the newest checkpoint.
+- PreemptedError, exit 75 (EX_TEMPFAIL, "try again later"): stopped on request (SIGTERM)
+  after writing a checkpoint. Starting the same command again resumes.
+Raise one of these (or a subclass) so that the exit code shows where the error is raised;
+JobError is only the base the CLI catches.
 """
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+EXIT_PREEMPTED = 75
 
 
 def message_line(error: BaseException, last: bool = False) -> str:
@@ -21,28 +27,34 @@ def message_line(error: BaseException, last: bool = False) -> str:
 
 
 class JobError(Exception):
-    """Bad input (config, data, launcher env, paths): what is wrong and how to fix it.
+    """The base of the job's one-line errors: what is wrong and how to fix it.
 
-    Most bad input looks the same from every rank, so only the first process on
-    each host prints it (one clear line, not one per rank). An error that only
-    one rank can see sets `rank_specific`; a rank that stops only because a
-    peer failed sets `quiet`, since the peer already said why.
+    Most errors look the same from every rank, so only the first process on each host
+    prints them (one clear line, not one per rank). An error that only one rank can see
+    sets `rank_specific`; a rank that stops only because a peer failed sets `quiet`,
+    since the peer already said why.
     """
 
+    exit_code: int
     rank_specific = False
     quiet = False
+
+
+class BadInputError(JobError):
+    """Bad input (config, data, launcher env, paths, files): retrying cannot help."""
+
     exit_code = EXIT_BAD_INPUT
 
 
-class ConfigError(JobError):
+class ConfigError(BadInputError):
     """The config file, an override, or a value in it is wrong."""
 
 
-class DataError(JobError):
+class DataError(BadInputError):
     """MNIST is missing, cannot be fetched, or its files are damaged."""
 
 
-class LaunchError(JobError):
+class LaunchError(BadInputError):
     """The launcher environment or the hardware does not fit the config."""
 
 
@@ -50,18 +62,6 @@ class LaunchEnvError(LaunchError):
     """This process's launcher variables are inconsistent; they may differ per rank, so every rank says so."""
 
     rank_specific = True
-
-
-class PeerFailedError(JobError):
-    """Another rank failed a step this rank waited on; that rank printed the reason. This rank
-    exits with the failed rank's code, so that a supervisor (a Job's podFailurePolicy) reads the
-    same verdict from every pod: 2 bad input, 1 a run-time failure worth a retry."""
-
-    quiet = True
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class RunFailedError(JobError):
@@ -80,3 +80,15 @@ class PreemptedError(JobError):
     """SIGTERM: the job stopped at a step boundary (after checkpointing, when it was training)."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class PeerFailedError(JobError):
+    """Another rank failed a step this rank waited on; that rank printed the reason. This rank
+    exits with the failed rank's code, so that a supervisor (a Job's podFailurePolicy) reads the
+    same verdict from every pod: 2 bad input, 1 a run-time failure worth a retry."""
+
+    quiet = True
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
