@@ -1,101 +1,115 @@
-"""Files that must never be half-written: atomic writes, loading that executes nothing, and
-the run's checkpoints/ directory.
+"""The training checkpoint: its format (version, fields, recipe digest), its file names, and the
+run's checkpoints/ directory.
 
-A reader of the run directory sees either the previous file or the complete new
-one: bytes go to a temporary file in the same directory, are fsynced, then renamed
-over the target (rename is atomic on POSIX), and the directory is fsynced so the
-rename itself survives a crash. A crash mid-write leaves only a hidden temporary
-file, which the next writer removes.
+A checkpoint is one flat dict, written with torch.save and read with
+`torch.load(weights_only=True)` (tensors and plain containers only):
+
+    format            CHECKPOINT_FORMAT
+    model             the net's state_dict, default memory layout
+    optimizer         SGD's state_dict (momentum buffers included)
+    epochs_done ...   the Progress fields (job/progress.py), flat
+    world_size        ranks that trained it
+    train_samples     size of the training split it trained on
+    recipe            RECIPE_KEYS -> values;  recipe_digest: sha256 of its JSON
+    rng               every rank's generator states, in rank order (job/seeding.py)
+
+Files are `checkpoints/step-<global step, 9 digits>.pt`; the highest step is the newest.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import os
-import pickle
 import re
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from job.errors import JobError, RunFailedError, message_line
+from job.config import Config, get_dotted
+from job.errors import BadInputError, RunFailedError, message_line
+from job.progress import FIELDS as PROGRESS_FIELDS
+from job.progress import Progress
+from job.safe_io import atomic_save
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # read once: mkstemp creates 0600 files, the run directory's readers need the usual mode
+CHECKPOINT_FORMAT = 1
 
+RECIPE_KEYS = ("seed", "data.global_batch_size", "data.train_limit", "model.dropout", "optim.lr", "optim.momentum")
+"""Config keys a checkpoint's position (epoch, batches done) and RNG streams depend on: a run
+resumes from a checkpoint only under the same values."""
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+_FIELDS: dict[str, type] = {
+    "format": int,
+    "model": dict,
+    "optimizer": dict,
+    **PROGRESS_FIELDS,
+    "world_size": int,
+    "train_samples": int,
+    "recipe": dict,
+    "recipe_digest": str,
+    "rng": list,
+}
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def recipe(cfg: Config) -> dict[str, Any]:
+    """The values of RECIPE_KEYS in `cfg`, as a checkpoint records them."""
+    return {key: get_dotted(cfg, key) for key in RECIPE_KEYS}
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save, atomically: serialised in memory first (checkpoints here are small)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+def recipe_digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def load_weights_only(path: str | Path) -> Any:
-    """torch.load with weights_only=True: tensors and plain containers, never arbitrary code."""
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"checkpoint {path} does not exist; pass the path of a model.pt or checkpoint file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise JobError(f"checkpoint {path} cannot be read ({e.strerror})") from None
-    return loads_weights_only(data, path)
+def training_state(
+    model: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    progress: Progress,
+    world_size: int,
+    train_samples: int,
+    cfg: Config,
+    rng: list[Any],
+) -> dict[str, Any]:
+    """A checkpoint's contents (see the module docstring)."""
+    values = recipe(cfg)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model,
+        "optimizer": optimizer,
+        **progress.to_dict(),
+        "world_size": world_size,
+        "train_samples": train_samples,
+        "recipe": values,
+        "recipe_digest": recipe_digest(values),
+        "rng": rng,
+    }
 
 
-def loads_weights_only(data: bytes, name: str | Path) -> Any:
-    """load_weights_only for a file's bytes (as rank 0 broadcasts them); `name` is for messages."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch wraps the one line that matters in paragraphs of advice: keep that line.
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        details = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
-        reason = details[0] if details else "unreadable pickle"
-        if "GLOBAL" in reason:
-            raise JobError(f"checkpoint {name} is not a weights-only file and was not loaded ({reason})") from None
-        raise JobError(f"checkpoint {name} is truncated or corrupt ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise JobError(f"checkpoint {name} is truncated or corrupt ({message_line(e)})") from None
+def check_fields(state: Any, path: Path) -> None:
+    """A whole training state of the format this code writes (not a model.pt, not another
+    tool's file); BadInputError naming what is missing or wrong otherwise."""
+    if not isinstance(state, dict):
+        raise BadInputError(f"checkpoint {path} is not a training checkpoint (it holds a {type(state).__name__})")
+    missing = [key for key, kind in _FIELDS.items() if not isinstance(state.get(key), kind)]
+    if missing:
+        raise BadInputError(
+            f"checkpoint {path} is not a training checkpoint of this job (missing or wrong: {', '.join(missing)}); "
+            "a model.pt holds weights only and cannot be resumed"
+        )
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise BadInputError(
+            f"checkpoint {path} has format {state['format']}; this job reads format {CHECKPOINT_FORMAT}"
+        )
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise BadInputError(f"checkpoint {path} holds a damaged model state_dict")
+    if len(state["rng"]) != state["world_size"]:
+        raise BadInputError(f"checkpoint {path} holds {len(state['rng'])} RNG states for {state['world_size']} ranks")
 
 
-def model_state_from(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+def model_state_of(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
     """The model's state_dict from a loaded model.pt (a state_dict) or a training checkpoint."""
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise JobError(f"checkpoint {path} holds no model state_dict; pass a model.pt or checkpoint file")
+        raise BadInputError(f"checkpoint {path} holds no model state_dict; pass a model.pt or checkpoint file")
     return state
 
 
@@ -114,14 +128,22 @@ class CheckpointDir:
     def path_for(self, step: int) -> Path:
         return self.path / f"step-{step:09d}.pt"
 
+    @classmethod
+    def step_of(cls, path: Path) -> int | None:
+        """The global step a checkpoint file was written after; None for a file that is not one."""
+        match = cls._NAME.match(Path(path).name)
+        return int(match.group(1)) if match else None
+
     def files(self) -> list[Path]:
         """Checkpoint files, oldest first (other files are not ours and are left alone)."""
         if not self.path.is_dir():
             return []
-        named = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := self._NAME.match(p.name))]
-        return [p for _, p in sorted(named)]
+        steps = [(step, p) for p in self.path.iterdir() if (step := self.step_of(p)) is not None]
+        return [p for _, p in sorted(steps)]
 
     def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
+        """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`.
+        RunFailedError when the disk refuses the write (the previous checkpoints stay)."""
         path = self.path_for(step)
         try:
             atomic_save(state, path)

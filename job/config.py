@@ -156,7 +156,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     """A validated Config from a nested dict; unknown keys, wrong types and bad ranges raise."""
     cfg = _build(Config, tree, prefix="", source=source)
     for key, (ok, expected) in _RANGES.items():
-        value = _get_dotted(cfg, key)
+        value = get_dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={value!r} is out of range: must be {expected}")
     return cfg
@@ -171,16 +171,6 @@ def dump_config(cfg: Config) -> str:
     tree = config_to_dict(cfg)
     tree["run"]["dir"] = str(cfg.run_dir)
     return yaml.safe_dump(tree, sort_keys=False)
-
-
-# A checkpoint's position (epoch, batches done) and RNG streams only mean the same thing under
-# the same recipe: these keys must equal the checkpoint's for a run to resume from it.
-RESUME_KEYS = ("seed", "data.global_batch_size", "data.train_limit", "model.dropout", "optim.lr", "optim.momentum")
-
-
-def resume_recipe(cfg: Config) -> dict[str, Any]:
-    """The values of RESUME_KEYS, as a checkpoint records them."""
-    return {key: _get_dotted(cfg, key) for key in RESUME_KEYS}
 
 
 def rank_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -236,7 +226,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _get_dotted(cfg: Any, key: str) -> Any:
+def get_dotted(cfg: Any, key: str) -> Any:
+    """The value of a dotted key ("optim.lr") in a Config."""
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg

@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides
 from test_resume import assert_same_weights, checkpoint, snapshot
 
-from job.checkpoint import load_weights_only
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from job.safe_io import load_weights_only
 
 
 @pytest.fixture(scope="module")

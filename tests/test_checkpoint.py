@@ -7,15 +7,9 @@ import os
 import pytest
 import torch
 
-from job.checkpoint import (
-    CheckpointDir,
-    atomic_save,
-    atomic_write_text,
-    load_weights_only,
-    loads_weights_only,
-    model_state_from,
-)
+from job.checkpoint import CheckpointDir, model_state_of
 from job.errors import JobError
+from job.safe_io import atomic_save, atomic_write_text, load_weights_only, loads_weights_only
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
@@ -76,12 +70,12 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
         load_weights_only(tmp_path / "missing.pt")
 
 
-def test_model_state_from_model_file_or_checkpoint(tmp_path):
+def test_model_state_of_model_file_or_checkpoint(tmp_path):
     state = {"w": torch.ones(1)}
-    assert model_state_from(state, "m.pt") is state
-    assert model_state_from({"model": state, "epoch": 3}, "c.pt") is state
+    assert model_state_of(state, "m.pt") is state
+    assert model_state_of({"model": state, "epoch": 3}, "c.pt") is state
     with pytest.raises(JobError, match="holds no model state_dict"):
-        model_state_from({"epoch": 3}, "c.pt")
+        model_state_of({"epoch": 3}, "c.pt")
 
 
 def test_checkpoint_dir_keeps_the_newest_and_ignores_other_files(tmp_path):

@@ -18,7 +18,8 @@ import torch
 from conftest import TINY_TRAIN, assert_ok, assert_one_line_error, load_state, read_summary, run_job, tiny_overrides
 
 from job import data
-from job.resume import recipe_digest
+from job.checkpoint import check_fields, recipe_digest
+from job.progress import Progress
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
 STEPS = [3, 6, 8, 9, 12, 15, 16]
@@ -231,3 +232,21 @@ def test_skipped_batches_are_exactly_the_seen_samples_at_any_world_size(old_worl
     before, after = walked(old_world, 0, k), walked(new_world, k, None)
     assert len(before) == k * global_batch and len(after) == n - k * global_batch
     assert sorted(before + after) == list(range(n))
+
+
+FORMAT_1_FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-format1-step4.pt"
+"""A checkpoint written by commit 9c35061 (before the training position became job.progress.Progress):
+2 gloo ranks on the generated data, the recipe of `reference`, after step 4 of epoch 1."""
+
+
+def test_a_checkpoint_written_before_the_progress_refactor_still_resumes(tiny_root, tmp_path):
+    state = torch.load(FORMAT_1_FIXTURE, weights_only=True)
+    check_fields(state, FORMAT_1_FIXTURE)
+    assert Progress.from_dict(state) == Progress(epochs_done=0, batches_done=4, global_step=4, samples_trained=256)
+    run_dir = tmp_path / "run"
+    start = f"train.resume={FORMAT_1_FIXTURE}"
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, start)], nproc=2)
+    assert_ok(result)
+    assert f"Resuming from {FORMAT_1_FIXTURE}: epoch 1, batch 4/8, step 4" in result.stdout
+    summary = read_summary(run_dir)
+    assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
