@@ -82,7 +82,7 @@ config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
 	$(PY) -m job config --config $(CONFIG) $(ARGS)
 
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it a restarted group hangs about 1 run in 3
-# (pytorch/pytorch#135712; DESIGN.md).
+# (pytorch/pytorch#135712).
 train-local: $(STAMP) ## train with torchrun on this host (NPROC ranks: GPUs, else 2 CPU); resumes a killed run
 	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} \

@@ -13,7 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, load_config, rank_batch_size
+from job.console import setup_logging
 from job.errors import EXIT_BAD_INPUT, ConfigError, JobError
+from job.export import FORMATS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a model as safetensors or TorchScript, for use elsewhere")
     export.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
-    export.add_argument("--format", required=True, choices=("safetensors", "torchscript"), help="file format")
+    export.add_argument("--format", required=True, choices=tuple(FORMATS), help="file format")
     export.add_argument("--out", required=True, help="file to write (replaced if it exists)")
     export.set_defaults(func=_export)
 
@@ -138,6 +140,7 @@ def _env_int(name: str, default: int = 0) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(_env_int("RANK"), _env_int("WORLD_SIZE", 1))
     try:
         return args.func(args)
     except JobError as e:

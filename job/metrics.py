@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from job.checkpoint import atomic_write_text
+from job.run_dir import RunDir
+from job.safe_io import atomic_write_text
 
 
 class NullMetrics:
@@ -42,15 +42,15 @@ class Metrics(NullMetrics):
     TensorBoard by its purge_step), so both read like one uninterrupted run.
     """
 
-    def __init__(self, run_dir: Path, start_step: int = 0) -> None:
+    def __init__(self, run: RunDir, start_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
 
-        path = run_dir / "metrics.jsonl"
+        path = run.metrics
         if path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
             atomic_write_text(path, "".join(kept))
         self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
 
     def _event(self, **fields: Any) -> None:
         self._jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")

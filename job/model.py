@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.checkpoint import load_weights_only, model_state_from
-from job.errors import JobError, message_line
+from job.checkpoint import model_state_of
+from job.errors import BadInputError, message_line
+from job.safe_io import load_weights_only
 
 
 class Net(nn.Module):
@@ -37,12 +38,13 @@ class Net(nn.Module):
 def load_model(checkpoint: str | Path, dropout: float = 0.5) -> Net:
     """The net with the weights of a model.pt or a training checkpoint, in eval mode.
 
-    Loads weights only (never code); a file of another shape of model is one clear error.
+    Loads weights only (never code); a missing, damaged or foreign file, or one of another shape of
+    model, raises BadInputError.
     """
-    state = model_state_from(load_weights_only(checkpoint), checkpoint)
+    state = model_state_of(load_weights_only(checkpoint), checkpoint)
     model = Net(dropout=dropout)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:  # the last line names the first mismatching key and shapes
-        raise JobError(f"checkpoint {checkpoint} does not fit the model: {message_line(e, last=True)}") from None
+        raise BadInputError(f"checkpoint {checkpoint} does not fit the model: {message_line(e, last=True)}") from None
     return model.eval()

@@ -20,10 +20,11 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from job import data
-from job.checkpoint import CheckpointDir, atomic_write_bytes
 from job.config import load_config
-from job.errors import JobError
+from job.errors import BadInputError
 from job.model import load_model
+from job.run_dir import RunDir
+from job.safe_io import atomic_write_bytes
 
 GRID_ROWS, GRID_COLS = 3, 4
 """The digit figure: the first 12 test digits (the tutorial shows 6; a few more show more mistakes)."""
@@ -50,7 +51,7 @@ def training_curve(events: list[dict[str, Any]]) -> Figure:
     train = [e for e in events if e.get("event") == "train"]
     test = [e for e in events if e.get("event") == "test"]
     if not train:
-        raise JobError("metrics.jsonl holds no training losses yet; plot a run that has trained for a while")
+        raise BadInputError("metrics.jsonl holds no training losses yet; plot a run that has trained for a while")
     fig = Figure(figsize=(7, 4.2), dpi=DPI)
     ax = fig.add_subplot()
     ax.plot([e["examples_seen"] for e in train], [e["loss"] for e in train], color="blue", linewidth=0.8)
@@ -122,13 +123,13 @@ def save_png(fig: Figure, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def model_file(run_dir: Path) -> Path:
+def model_file(run: RunDir) -> Path:
     """The run's final model.pt, or its newest checkpoint while the run is still going."""
-    if (run_dir / "model.pt").is_file():
-        return run_dir / "model.pt"
-    checkpoints = CheckpointDir(run_dir / "checkpoints").files()
+    if run.model.is_file():
+        return run.model
+    checkpoints = run.checkpoints.files()
     if not checkpoints:
-        raise JobError(f"{run_dir} holds no model.pt and no checkpoint yet; plot it once it has saved one")
+        raise BadInputError(f"{run.path} holds no model.pt and no checkpoint yet; plot it once it has saved one")
     return checkpoints[-1]
 
 
@@ -139,18 +140,22 @@ def predict_all(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -
 
 def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
     """Write the three figures of a run directory into its plots/; returns their paths."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise JobError(f"run directory {run_dir} does not exist; pass the directory a training run wrote (runs/<name>)")
-    for name in ("config.yaml", "metrics.jsonl"):
-        if not (run_dir / name).is_file():
-            raise JobError(f"{run_dir} has no {name}, so it is not a run directory; pass one that `train` wrote")
-    cfg = load_config(run_dir / "config.yaml")
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise BadInputError(
+            f"run directory {run.path} does not exist; pass the directory a training run wrote (runs/<name>)"
+        )
+    for path in (run.config, run.metrics):
+        if not path.is_file():
+            raise BadInputError(
+                f"{run.path} has no {path.name}, so it is not a run directory; pass one that `train` wrote"
+            )
+    cfg = load_config(run.config)
     root = data_root or cfg.data.root
-    curve = training_curve(read_events(run_dir / "metrics.jsonl"))  # before the slow steps: bad metrics fail fast
+    curve = training_curve(read_events(run.metrics))  # before the slow steps: bad metrics fail fast
 
-    model = load_model(model_file(run_dir), dropout=cfg.model.dropout)
-    data.ensure_mnist(root, download=cfg.data.download, verify=cfg.data.verify, log=print)
+    model = load_model(model_file(run), dropout=cfg.model.dropout)
+    data.ensure_mnist(root, download=cfg.data.download, verify=cfg.data.verify)
     test = data.load_split(root, "test")
     predictions = predict_all(model, test.images, cfg.data.test_batch_size)
 
@@ -162,11 +167,10 @@ def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
         "training_curve.png": curve,
         "confusion_matrix.png": confusion_figure(confusion_matrix(test.labels, predictions)),
     }
-    plots = run_dir / "plots"
     try:
-        plots.mkdir(exist_ok=True)
+        run.plots.mkdir(exist_ok=True)
         for name, fig in figures.items():
-            save_png(fig, plots / name)
+            save_png(fig, run.plots / name)
     except OSError as e:
-        raise JobError(f"cannot write {plots} ({e.strerror}); make the run directory writable") from None
-    return [plots / name for name in figures]
+        raise BadInputError(f"cannot write {run.plots} ({e.strerror}); make the run directory writable") from None
+    return [run.plots / name for name in figures]

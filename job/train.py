@@ -18,14 +18,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import data
-from job.checkpoint import (
-    atomic_save,
-    atomic_write_json,
-    atomic_write_text,
-    loads_weights_only,
-)
-from job.config import Config, dump_config, rank_batch_size, resume_recipe
-from job.console import ProgressBar, get_logger, setup_logging
+from job.checkpoint import training_state
+from job.config import Config, dump_config, rank_batch_size
+from job.console import ProgressBar, setup_logging
 from job.dist import (
     DistContext,
     all_reduce_sum,
@@ -37,11 +32,14 @@ from job.dist import (
     peer_lost_error,
     read_launch_env,
 )
-from job.errors import ConfigError, JobError, PreemptedError
+from job.errors import BadInputError, ConfigError, PreemptedError
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
-from job.resume import CHECKPOINT_FORMAT, ResumeSource, checkpoint_dir, find_resume_source, recipe_digest
+from job.progress import Progress
+from job.resume import find_resume_source
+from job.run_dir import RunDir
+from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
 from job.seeding import (
     configure_determinism,
     reseed_rank_streams_after_resize,
@@ -51,13 +49,15 @@ from job.seeding import (
     seed_rank_streams,
 )
 
+log = logging.getLogger(__name__)
+
 FIGURE_DIGITS = 6
 """Test digits drawn with label and prediction, as in the tutorial's figure."""
 
 
-def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tuple[str, ...]) -> dict[str, data.Split]:
+def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:
     """Fetch (once per host, the other local ranks wait) and load the requested splits on every rank."""
-    fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify, log=log.info)
+    fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify)
     on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
     limits = {"train": cfg.data.train_limit, "test": None}
     loaded = {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
@@ -69,15 +69,19 @@ def prepare_data(cfg: Config, ctx: DistContext, log: logging.Logger, splits: tup
 def prepare_run_dir(cfg: Config, resuming: bool) -> None:
     """Rank 0, once the start is decided and the data is ready: the run directory with the
     resolved config.yaml and checkpoints/ (minus the temporary file of a writer that died)."""
-    run_dir, checkpoints = cfg.run_dir, checkpoint_dir(cfg)
-    if not resuming and checkpoints.files():  # appeared during the data step: another job writes here
-        raise JobError(f"run directory {run_dir} gained checkpoints while this job started; is another job using it?")
+    run = RunDir(cfg.run_dir)
+    if not resuming and run.checkpoints.files():  # appeared during the data step: another job writes here
+        raise BadInputError(
+            f"run directory {run.path} gained checkpoints while this job started; is another job using it?"
+        )
     try:
-        checkpoints.path.mkdir(parents=True, exist_ok=True)
-        checkpoints.remove_partial_writes()
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        run.checkpoints.path.mkdir(parents=True, exist_ok=True)
+        run.checkpoints.remove_partial_writes()
+        atomic_write_text(run.config, dump_config(cfg))
     except OSError as e:
-        raise JobError(f"cannot write run directory {run_dir} ({e.strerror}); set run.dir to a writable path") from None
+        raise BadInputError(
+            f"cannot write run directory {run.path} ({e.strerror}); set run.dir to a writable path"
+        ) from None
 
 
 def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_size: int) -> dict[str, Any]:
@@ -105,11 +109,9 @@ def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_
 
 
 def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Module]:
-    """The tutorial's net on this rank's device, and what the training step calls: its DDP
-    wrapper (a single rank has nothing to average: the net itself, the same bits without
-    DDP's per-step bookkeeping), compiled if asked. Every rank builds the same initial
-    weights; afterwards the global generator is this rank's own (dropout) stream."""
-    seed_parameter_init(cfg.seed)
+    """The tutorial's net on this rank's device, from the global generator's current state, and
+    what the training step calls: its DDP wrapper (a single rank has nothing to average: the net
+    itself, the same bits without DDP's per-step bookkeeping), compiled if asked."""
     model = Net(dropout=cfg.model.dropout).to(ctx.device)
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -121,7 +123,6 @@ def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Modu
             step_model.register_comm_hook(None, gloo_mean_by_all_gather)
     if cfg.speed.compile:
         step_model = torch.compile(step_model)
-    seed_rank_streams(cfg.seed, ctx.rank)
     return model, step_model
 
 
@@ -129,115 +130,137 @@ class Trainer:
     """The model, its optimizer and the position in training, for one rank."""
 
     def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split]) -> None:
-        self.cfg, self.ctx, self.run_dir = cfg, ctx, cfg.run_dir
+        self.cfg, self.ctx, self.run = cfg, ctx, RunDir(cfg.run_dir)
         self.train_split, self.test_split = splits["train"], splits["test"]
-        self.log = get_logger()
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
         self.num_batches = data.num_train_batches(self.sampler, self.rank_batch)
         repeated = -len(self.train_split) % ctx.world_size
         if repeated and ctx.is_leader:
-            self.log.warning(
+            log.warning(
                 f"{len(self.train_split)} training samples do not split evenly over {ctx.world_size} ranks: "
                 f"{repeated} sample(s) repeat each epoch (DistributedSampler pads the shards), so this run is "
                 "not step-for-step equal to a 1-rank run; pick data.train_limit divisible by the world size"
             )
 
+        # The order matters: every rank builds the same initial weights from `seed` (so DDP's
+        # broadcast changes nothing and W=1 starts from the tutorial's weights), and only then
+        # switches its global generator to its own stream, which dropout draws from.
+        seed_parameter_init(cfg.seed)
         self.model, self.step_model = build_train_model(cfg, ctx)
+        seed_rank_streams(cfg.seed, ctx.rank)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-        self.checkpoints = checkpoint_dir(cfg)
 
-        # The position: epochs_done whole epochs, then batches_done batches of the next one.
-        self.epochs_done = 0
-        self.batches_done = 0
-        self.global_step = 0
-        self.samples_trained = 0
-        self.train_seconds = 0.0
-        self.resumes = 0
+        self.progress = Progress()
         self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
 
     def fit(self) -> dict[str, Any]:
         if self.ctx.is_leader:
-            self.metrics = Metrics(self.run_dir, start_step=self.global_step)
+            self.metrics = Metrics(self.run, start_step=self.progress.global_step)
             if self.resumed_from:
                 name, world_size = self.resumed_from
-                self.metrics.resume(self.global_step, self.epochs_done + 1, name, self.ctx.world_size, world_size)
+                self.metrics.resume(
+                    self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
+                )
         try:
             result = None
             with StopRequest() as stop:
-                while self.epochs_done < self.cfg.train.epochs:
-                    epoch = self.epochs_done + 1
+                while self.progress.epochs_done < self.cfg.train.epochs:
+                    epoch = self.progress.epochs_done + 1
                     self.train_epoch(epoch, stop)
-                    self.epochs_done, self.batches_done = epoch, 0
+                    self.progress.finish_epoch()
                     result = self.test(epoch)
                     self.save_checkpoint()
             if result is None:  # resumed a run that had finished its epochs: figures for the summary
-                self.log.info(f"All {self.epochs_done} epochs were trained already: writing the final results")
+                log.info(f"All {self.progress.epochs_done} epochs were trained already: writing the final results")
                 result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
             summary = self.summary(result)
             if self.ctx.is_leader:
-                atomic_save(self.model_state(), self.run_dir / "model.pt")
-                atomic_write_json(self.run_dir / "summary.json", summary)
+                atomic_save(self.model_state(), self.run.model)
+                atomic_write_json(self.run.summary, summary)
             return summary
         finally:
             self.metrics.close()
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> None:
-        cfg, ctx = self.cfg, self.ctx
+        """The rest of epoch `epoch` (all of it, unless a resume landed inside it)."""
         self.sampler.set_epoch(epoch - 1)  # a new shuffle every epoch, the same on every rank
-        dataset_size, every = len(self.train_split), cfg.checkpoint.every_steps
-        skip = self.batches_done  # non-zero only in the epoch a resume lands in
-        bar = ProgressBar(self.num_batches - skip, f"Epoch {epoch}", enabled=ctx.is_leader)
+        skip = self.progress.batches_done
+        bar = ProgressBar(self.num_batches - skip, f"Epoch {epoch}", enabled=self.ctx.is_leader)
         self.step_model.train()
-        samples_before, checkpoint_seconds, start = self.samples_trained, 0.0, time.perf_counter()
+        samples_before, checkpoint_seconds, start = self.progress.samples_trained, 0.0, time.perf_counter()
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
-            vote_due = (self.global_step + 1) % STOP_VOTE_EVERY_STEPS == 0 or batch_idx + 1 == self.num_batches
-            vote = StopVote(ctx, stop) if vote_due else None
-            images = images.to(ctx.device, non_blocking=True)
-            labels = labels.to(ctx.device, non_blocking=True)
-            if cfg.speed.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            self.optimizer.zero_grad(set_to_none=True)
-            with self.autocast():
-                output = self.step_model(images)
-            loss = F.nll_loss(output.float(), labels)  # CPU autocast leaves log_softmax in bf16
-            loss.backward()
-            self.optimizer.step()
-            self.global_step += 1
-            self.batches_done = batch_idx + 1
+            vote = self.start_stop_vote(stop, batch_idx)  # overlaps the step's work
+            loss = self.step(images, labels)
             # Every rank's batch is the same size, so the mean of rank means is the global batch mean.
-            self.samples_trained += len(labels) * ctx.world_size
+            self.progress.advance(batch_idx, len(labels) * self.ctx.world_size)
             bar.update()
-            if batch_idx % cfg.train.log_interval == 0:
-                mean_loss = all_reduce_sum(loss.detach().clone()).item() / ctx.world_size
-                done = min(batch_idx * cfg.data.global_batch_size, dataset_size)
-                bar.clear()
-                self.log.info(
-                    f"Train Epoch: {epoch} [{done}/{dataset_size} ({100.0 * batch_idx / self.num_batches:.0f}%)]"
-                    f"  Loss: {mean_loss:.6f}"
-                )
-                examples_seen = (epoch - 1) * dataset_size + done
-                self.metrics.train_step(self.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
-            # All ranks vote after the same steps, so they all stop after the same one.
-            stopping = vote is not None and vote.any_rank_stopping()
-            if stopping or (every and self.global_step % every == 0 and self.batches_done < self.num_batches):
-                checkpoint_seconds += self.save_checkpoint()
-            if stopping:
-                bar.clear()
-                self.log.warning(f"SIGTERM: stopping after step {self.global_step}, checkpoint written")
-                raise PreemptedError(
-                    f"stopped by SIGTERM after step {self.global_step} (epoch {epoch}, batch {self.batches_done}/"
-                    f"{self.num_batches}) and wrote {self.checkpoints.path_for(self.global_step)}; start the job "
-                    "again to resume"
-                )
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
+            if batch_idx % self.cfg.train.log_interval == 0:
+                self.log_step(epoch, batch_idx, loss, bar)
+            checkpoint_seconds += self.checkpoint_or_stop(epoch, vote, bar)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
         seconds = time.perf_counter() - start - checkpoint_seconds
         bar.clear()
-        self.train_seconds += seconds
-        self.metrics.train_epoch(self.global_step, epoch, (self.samples_trained - samples_before) / seconds)
+        self.progress.train_seconds += seconds
+        samples_per_second = (self.progress.samples_trained - samples_before) / seconds
+        self.metrics.train_epoch(self.progress.global_step, epoch, samples_per_second)
+
+    def start_stop_vote(self, stop: StopRequest, batch_idx: int) -> StopVote | None:
+        """Ask every rank whether it was told to stop, every STOP_VOTE_EVERY_STEPS steps and at
+        the epoch's last step; all ranks vote after the same steps, so they stop after the same one."""
+        step = self.progress.global_step + 1
+        if step % STOP_VOTE_EVERY_STEPS == 0 or batch_idx + 1 == self.num_batches:
+            return StopVote(self.ctx, stop)
+        return None
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's share of a global batch; returns its loss."""
+        images = images.to(self.ctx.device, non_blocking=True)
+        labels = labels.to(self.ctx.device, non_blocking=True)
+        if self.cfg.speed.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            output = self.step_model(images)
+        loss = F.nll_loss(output.float(), labels)  # CPU autocast leaves log_softmax in bf16
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor, bar: ProgressBar) -> None:
+        """The tutorial's line with the loss averaged over ranks, and the same figure in the metrics."""
+        cfg, ctx = self.cfg, self.ctx
+        mean_loss = all_reduce_sum(loss.detach().clone()).item() / ctx.world_size
+        dataset_size = len(self.train_split)
+        done = min(batch_idx * cfg.data.global_batch_size, dataset_size)
+        bar.clear()
+        log.info(
+            f"Train Epoch: {epoch} [{done}/{dataset_size} ({100.0 * batch_idx / self.num_batches:.0f}%)]"
+            f"  Loss: {mean_loss:.6f}"
+        )
+        examples_seen = (epoch - 1) * dataset_size + done
+        self.metrics.train_step(self.progress.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
+
+    def checkpoint_or_stop(self, epoch: int, vote: StopVote | None, bar: ProgressBar) -> float:
+        """After a step: write a checkpoint when one is due or the ranks agreed to stop, then stop
+        (PreemptedError) if they did. Returns the seconds spent writing (kept out of the throughput).
+        Epoch-end checkpoints are written by fit(), after the test."""
+        stopping = vote is not None and vote.any_rank_stopping()
+        every, progress = self.cfg.checkpoint.every_steps, self.progress
+        due = every and progress.global_step % every == 0 and progress.batches_done < self.num_batches
+        seconds = self.save_checkpoint() if stopping or due else 0.0
+        if stopping:
+            bar.clear()
+            log.warning(f"SIGTERM: stopping after step {progress.global_step}, checkpoint written")
+            raise PreemptedError(
+                f"stopped by SIGTERM after step {progress.global_step} (epoch {epoch}, batch {progress.batches_done}/"
+                f"{self.num_batches}) and wrote {self.run.checkpoints.path_for(progress.global_step)}; start the "
+                "job again to resume"
+            )
+        return seconds
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast of the forward pass when speed.bf16 is on: convolutions and matmuls in bf16."""
@@ -245,12 +268,12 @@ class Trainer:
 
     def test(self, epoch: int) -> dict[str, Any]:
         result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
-        self.log.info(
+        log.info(
             f"Test set: Avg. loss: {result['test_loss']:.4f}, Accuracy: {result['correct']}/{result['count']} "
             f"({100.0 * result['test_accuracy']:.2f}%)"
         )
         digits = self._figure_digits() if self.ctx.is_leader else None
-        self.metrics.test(self.global_step, epoch, epoch * len(self.train_split), result, digits)
+        self.metrics.test(self.progress.global_step, epoch, epoch * len(self.train_split), result, digits)
         return result
 
     def _figure_digits(self) -> torch.Tensor:
@@ -265,29 +288,23 @@ class Trainer:
         (kept out of the training throughput)."""
         start = time.perf_counter()
         rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
-        state = {**self.state_dict(), "rng": rng} if self.ctx.is_leader else {}
-        write = functools.partial(self.checkpoints.save, state, self.global_step, self.cfg.checkpoint.keep)
+        state = self.state_dict(rng) if self.ctx.is_leader else {}
+        write = functools.partial(self.run.checkpoints.save, state, self.progress.global_step, self.cfg.checkpoint.keep)
         on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
         return time.perf_counter() - start
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs but the RNG streams (which live on every rank)."""
-        recipe = resume_recipe(self.cfg)
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model_state(),
-            "optimizer": self.optimizer.state_dict(),
-            "epochs_done": self.epochs_done,
-            "batches_done": self.batches_done,
-            "global_step": self.global_step,
-            "samples_trained": self.samples_trained,
-            "train_seconds": self.train_seconds,
-            "resumes": self.resumes,
-            "world_size": self.ctx.world_size,
-            "train_samples": len(self.train_split),
-            "recipe": recipe,
-            "recipe_digest": recipe_digest(recipe),
-        }
+    def state_dict(self, rng: list[Any]) -> dict[str, Any]:
+        """Everything a resume needs (the checkpoint format: job/checkpoint.py); `rng` holds every
+        rank's generator states, in rank order (rank 0 gathers them)."""
+        return training_state(
+            model=self.model_state(),
+            optimizer=self.optimizer.state_dict(),
+            progress=self.progress,
+            world_size=self.ctx.world_size,
+            train_samples=len(self.train_split),
+            cfg=self.cfg,
+            rng=rng,
+        )
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights in the default memory layout whatever speed.channels_last trained with, so
@@ -303,35 +320,33 @@ class Trainer:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.epochs_done, self.batches_done = state["epochs_done"], state["batches_done"]
-        self.global_step, self.samples_trained = state["global_step"], state["samples_trained"]
-        self.train_seconds, self.resumes = state["train_seconds"], state.get("resumes", 0) + 1
+        self.progress = Progress.from_dict(state)
+        self.progress.resumes += 1
         self.resumed_from = (name, state["world_size"])
         if state["world_size"] == self.ctx.world_size:
             restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
         else:
-            reseed_rank_streams_after_resize(self.cfg.seed, self.ctx.rank, self.global_step)
+            reseed_rank_streams_after_resize(self.cfg.seed, self.ctx.rank, self.progress.global_step)
             if self.ctx.is_leader:
-                self.log.warning(
+                log.warning(
                     f"resuming a {state['world_size']}-rank checkpoint on {self.ctx.world_size} ranks: the rest of "
                     "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
                     "weights will not equal an uninterrupted run's bit for bit"
                 )
-        self.log.info(
-            f"Resuming from {name}: epoch {self.epochs_done + 1}, batch {self.batches_done}/{self.num_batches}, "
-            f"step {self.global_step}"
+        log.info(
+            f"Resuming from {name}: epoch {self.progress.epochs_done + 1}, batch {self.progress.batches_done}/"
+            f"{self.num_batches}, step {self.progress.global_step}"
         )
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
+        """summary.json: the final test figures, the position reached, and what ran it."""
+        progress = self.progress
         return {
             **result,
+            **progress.to_dict(),
+            "epochs": progress.epochs_done,
             "world_size": self.ctx.world_size,
-            "epochs": self.epochs_done,
-            "global_step": self.global_step,
-            "samples_trained": self.samples_trained,
-            "train_seconds": self.train_seconds,
-            "train_samples_per_second": self.samples_trained / self.train_seconds,
-            "resumes": self.resumes,
+            "train_samples_per_second": progress.samples_trained / progress.train_seconds,
             "backend": self.ctx.backend,
             "device": self.ctx.device.type,
             "launcher": self.ctx.env.launcher,
@@ -352,7 +367,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         )
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
-        log = setup_logging(ctx.rank, ctx.world_size)
+        setup_logging(ctx.rank, ctx.world_size)
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
@@ -360,7 +375,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             + (f", restart {restarts}" if restarts != "0" else "")
         )
         try:
-            summary = _train(cfg, ctx, log)
+            summary = _train(cfg, ctx)
         except RuntimeError as e:
             lost = peer_lost_error(e, cfg.dist.timeout_s)
             if lost is None:
@@ -370,16 +385,14 @@ def run_training(cfg: Config) -> dict[str, Any]:
         return summary
 
 
-def _train(cfg: Config, ctx: DistContext, log: logging.Logger) -> dict[str, Any]:
+def _train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
-    found: list[ResumeSource | None] = []
-    on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: found.append(find_resume_source(cfg, log)))
-    source = found[0] if found else None
+    source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))
     raw = broadcast_bytes(ctx, source.data if source else None)
     name = str(source.path) if source else "the checkpoint rank 0 chose"
     state = loads_weights_only(raw, name) if raw else None
-    splits = prepare_data(cfg, ctx, log, splits=("train", "test"))
+    splits = prepare_data(cfg, ctx, splits=("train", "test"))
     trainer = Trainer(cfg, ctx, splits)
     if state is not None:
         trainer.load_state_dict(state, name)
@@ -393,6 +406,6 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     model = load_model(checkpoint, dropout=cfg.model.dropout)
     configure_determinism(cfg.deterministic)
     with distributed(cfg.dist, env) as ctx:
-        log = setup_logging(ctx.rank, ctx.world_size)
-        splits = prepare_data(cfg, ctx, log, splits=("test",))
+        setup_logging(ctx.rank, ctx.world_size)
+        splits = prepare_data(cfg, ctx, splits=("test",))
         return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)

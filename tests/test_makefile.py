@@ -22,11 +22,11 @@ def test_help_lists_every_phony_target():
     assert {"help", "setup", "data", "train-local", "train-accelerate", "test", "lint", "clean"} <= listed
 
 
-def test_train_local_is_elastic_torchrun_standalone_with_nproc_and_config():
+def test_train_local_is_elastic_torchrun_standalone_through_the_launcher_with_nproc_and_config():
     command = _make("-n", "train-local", "NPROC=3", "CONFIG=job/configs/smoke.yaml", "ARGS=train.epochs=2")
     command = " ".join(command.replace("\\\n", " ").split())
     assert (
-        "torchrun --standalone --nproc-per-node 3 --max-restarts 3 -m job train --config job/configs/smoke.yaml "
+        "-m job.launch --standalone --nproc-per-node 3 --max-restarts 3 -m job train --config job/configs/smoke.yaml "
         "train.epochs=2" in command
     )
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in command, "restarts hang without it (pytorch#135712)"

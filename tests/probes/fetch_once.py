@@ -12,7 +12,6 @@ from conftest import make_tiny_mnist  # noqa: E402
 
 from job import data  # noqa: E402
 from job.config import load_config  # noqa: E402
-from job.console import setup_logging  # noqa: E402
 from job.dist import distributed, read_launch_env  # noqa: E402
 from job.train import prepare_data  # noqa: E402
 
@@ -31,5 +30,5 @@ data._check_sha256 = lambda path: None  # generated files, not the real MNIST
 
 cfg = load_config(overrides=[f"data.root={root}"])
 with distributed(cfg.dist, read_launch_env()) as ctx:
-    splits = prepare_data(cfg, ctx, setup_logging(ctx.rank, ctx.world_size), splits=("train", "test"))
+    splits = prepare_data(cfg, ctx, splits=("train", "test"))
     (root / f"loaded-by-rank-{ctx.rank}").write_text(str(len(splits["train"])))

@@ -1,5 +1,5 @@
-"""Run under torchrun. Rank 0 writes, for every rank, fingerprints of the parameters the job
-starts from and of the first dropout mask it draws, to the JSON file named by argv[1]."""
+"""Run under torchrun. Rank 0 writes, for every rank, fingerprints of the parameters the job's
+Trainer starts from and of the first dropout mask it draws, to the JSON file named by argv[1]."""
 
 import json
 import sys
@@ -8,12 +8,14 @@ import torch
 import torch.distributed as dist
 
 from job.config import Config
+from job.data import Split
 from job.dist import distributed, read_launch_env
-from job.train import build_train_model
+from job.train import Trainer
 
 cfg = Config()
 with distributed(cfg.dist, read_launch_env()) as ctx:
-    model, _ = build_train_model(cfg, ctx)
+    blank = Split(images=torch.zeros(64, 1, 28, 28), labels=torch.zeros(64, dtype=torch.long))
+    model = Trainer(cfg, ctx, {"train": blank, "test": blank}).model
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     mask = torch.nn.functional.dropout(torch.ones(4096), p=0.5, training=True)
     mine = {"params": params.tolist(), "mask": mask.tolist()}
