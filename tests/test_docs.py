@@ -113,6 +113,11 @@ def broken_links(path: Path) -> list[str]:
     return problems
 
 
+def test_the_front_page_and_the_topic_pages_exist():
+    names = {str(p.relative_to(REPO)) for p in markdown_files()}
+    assert {"README.md", "docker/README.md", "k8s/README.md", "slurm/README.md", "tests/README.md"} <= names
+
+
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_relative_links_and_anchors_resolve(path):
     problems = broken_links(path)
