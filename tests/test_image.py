@@ -35,7 +35,7 @@ TOOLS = ("buildah", "podman", "runc", "debootstrap")
 IMAGE = "localhost/mnist-ddp:image-test"
 BASE = "localhost/debian:bookworm-debootstrap"
 UID = 10001  # the Dockerfile's user
-ONE_EPOCH_ACCURACY = 0.93  # the seed recipe after its first epoch: 93.57% at 2 ranks (README)
+ONE_EPOCH_ACCURACY = 0.93  # the seed recipe after its first epoch: 93.57% at 2 ranks (docs/RESULTS.md)
 WHEELHOUSE = REPO / "build" / "wheelhouse"  # kept between runs: pip skips the wheels already there
 COMMIT_TMPFS = "8g"  # twice the compressed image layer (3.1 GB), with room to spare
 
