@@ -69,12 +69,13 @@ def training_state(
     cfg: Config,
     rng: list[Any],
 ) -> dict[str, Any]:
-    """A checkpoint's contents (see the module docstring)."""
+    """A checkpoint's contents (see the module docstring), every tensor on the CPU: a checkpoint
+    written on a GPU then loads anywhere, without map_location."""
     values = recipe(cfg)
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": model,
-        "optimizer": optimizer,
+        "model": to_cpu(model),
+        "optimizer": to_cpu(optimizer),
         **progress.to_dict(),
         "world_size": world_size,
         "train_samples": train_samples,
@@ -82,6 +83,17 @@ def training_state(
         "recipe_digest": recipe_digest(values),
         "rng": rng,
     }
+
+
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) copied to the CPU; CPU tensors stay as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(value) for value in obj)
+    return obj
 
 
 def check_fields(state: Any, path: Path) -> None:

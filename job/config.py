@@ -80,8 +80,11 @@ class RunConfig:
 
 @dataclass
 class DistConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: the GPU numbered LOCAL_RANK when CUDA is usable (and the backend is not gloo), else the CPU;
+    cuda: GPUs or exit 2 naming why not; cpu: the CPU even where GPUs are."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Collective backend: auto = nccl when CUDA is present, gloo otherwise."""
+    """Collective backend: auto = nccl on GPUs, gloo on the CPU; gloo with dist.device=cuda lets ranks share a GPU."""
     timeout_s: int = 600
     """Seconds a collective may wait for a peer before the job fails."""
 
@@ -94,6 +97,8 @@ class SpeedConfig:
     """Convolutions in channels-last memory layout (the layout GPU tensor cores want); changes the bits."""
     compile: bool = False
     """torch.compile the model (needs a C++ compiler; the first steps pay the compile time); changes the bits."""
+    tf32: bool = False
+    """TF32 (10-bit mantissa) for CUDA matmuls and cuDNN convolutions on Ampere and later; changes the bits."""
     data_on_device: bool = False
     """Keep the whole dataset in the training device's memory (about 220 MB per rank on a GPU): no copy per step."""
 

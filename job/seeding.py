@@ -63,8 +63,15 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def configure_determinism(deterministic: bool) -> None:
-    """Deterministic kernels when asked; must run before the first CUDA call."""
+def configure_numerics(deterministic: bool, tf32: bool) -> None:
+    """Deterministic kernels when asked, and fp32 or TF32 on GPUs; must run before the first CUDA call.
+
+    cuDNN convolutions run in TF32 on Ampere and later unless told otherwise
+    (torch.backends.cudnn.allow_tf32 defaults to True), which is not the fp32 recipe and not
+    what other GPU generations compute: off unless speed.tf32 asks for it.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     if deterministic:
         # cuBLAS picks reduction orders per workspace; a fixed workspace makes them repeatable.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

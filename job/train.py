@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
@@ -21,13 +20,14 @@ from job import data
 from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
+from job.device import compile_toolchain_missing
 from job.dist import (
     DistContext,
     all_reduce_sum,
     broadcast_bytes,
     distributed,
     gather_to_leader,
-    gloo_mean_by_all_gather,
+    mean_in_rank_order,
     on_some_ranks,
     peer_lost_error,
     read_launch_env,
@@ -41,7 +41,7 @@ from job.resume import find_resume_source
 from job.run_dir import RunDir
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
 from job.seeding import (
-    configure_determinism,
+    configure_numerics,
     reseed_rank_streams_after_resize,
     restore_rng_state,
     rng_state,
@@ -119,8 +119,7 @@ def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Modu
     if ctx.world_size > 1:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
-        if ctx.backend == "gloo":
-            step_model.register_comm_hook(None, gloo_mean_by_all_gather)
+        step_model.register_comm_hook(None, mean_in_rank_order)
     if cfg.speed.compile:
         step_model = torch.compile(step_model)
     return model, step_model
@@ -307,9 +306,10 @@ class Trainer:
         )
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The weights in the default memory layout whatever speed.channels_last trained with, so
-        model.pt means the same to every reader (safetensors refuses strided tensors)."""
-        return {key: value.contiguous() for key, value in self.model.state_dict().items()}
+        """The weights on the CPU in the default memory layout, whatever device and speed.channels_last
+        trained them, so model.pt means the same to every reader: a plain torch.load on a host without
+        GPUs, safetensors (which refuses strided tensors)."""
+        return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any], name: str) -> None:
         """Continue from a checkpoint (checked by resume.check_resumable on rank 0)."""
@@ -358,16 +358,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """`python -m job train`: the whole job on this rank; returns the summary."""
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
-    if cfg.speed.compile and not any(
-        shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cxx
-    ):
-        raise ConfigError(
-            "speed.compile=true needs a C++ compiler to build its kernels and none is on PATH; install g++ "
-            "(apt-get install g++) or set speed.compile=false"
-        )
-    configure_determinism(cfg.deterministic)
+    configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
+        if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
+            on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
@@ -383,6 +378,16 @@ def run_training(cfg: Config) -> dict[str, Any]:
             raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def check_compile_toolchain(device: torch.device) -> None:
+    """speed.compile builds kernels at the first step: what it needs must be here before training starts."""
+    missing = compile_toolchain_missing(device)
+    if missing:
+        raise ConfigError(
+            f"speed.compile=true needs {', '.join(missing)} to build its {device.type} kernels, and this host "
+            "lacks them; install them or set speed.compile=false"
+        )
 
 
 def _train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
@@ -404,7 +409,7 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     """`python -m job evaluate`: exact test figures of a saved model, at any world size."""
     env = read_launch_env()
     model = load_model(checkpoint, dropout=cfg.model.dropout)
-    configure_determinism(cfg.deterministic)
+    configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
         splits = prepare_data(cfg, ctx, splits=("test",))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from job.model import Net
-from job.seeding import configure_determinism, derive_seed, seed_parameter_init, seed_rank_streams
+from job.seeding import configure_numerics, derive_seed, seed_parameter_init, seed_rank_streams
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -38,12 +38,12 @@ def test_dropout_streams_differ_per_rank_and_repeat_per_rank():
 
 def test_determinism_switches():
     try:
-        configure_determinism(True)
+        configure_numerics(True, tf32=False)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
-        configure_determinism(False)
+        configure_numerics(False, tf32=False)
         assert not torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cudnn.deterministic and torch.backends.cudnn.benchmark
     finally:
-        configure_determinism(False)
+        configure_numerics(False, tf32=False)
         torch.backends.cudnn.benchmark = False

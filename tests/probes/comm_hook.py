@@ -1,5 +1,5 @@
 """Run under torchrun (gloo). Each rank runs one backward pass of the net on its own batch
-through DDP with job.dist.gloo_mean_by_all_gather, and checks the gradients bit for bit
+through DDP with job.dist.mean_in_rank_order, and checks the gradients bit for bit
 against the mean computed by hand (every rank's gradients over W, summed in rank order)
 and, at 2 ranks, against DDP's own all-reduce. Exits 1 on the first difference."""
 
@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from job.dist import gloo_mean_by_all_gather
+from job.dist import mean_in_rank_order
 from job.model import Net
 
 
@@ -19,7 +19,7 @@ def gradients(hook: bool, images: torch.Tensor, labels: torch.Tensor) -> list[to
     model = Net(dropout=0.0)
     ddp = DistributedDataParallel(model)
     if hook:
-        ddp.register_comm_hook(None, gloo_mean_by_all_gather)
+        ddp.register_comm_hook(None, mean_in_rank_order)
     F.nll_loss(ddp(images), labels).backward()
     return [p.grad for p in model.parameters()]
 
