@@ -6,12 +6,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= job/configs/default.yaml
-# One process per GPU when there are GPUs, else 2 CPU processes.
-NPROC ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); [ "$${n:-0}" -gt 0 ] && echo $$n || echo 2)
+# GPUs the project's torch can use (it honours CUDA_VISIBLE_DEVICES and MIG), counted once
+# when first needed (after `setup`), and GPUs the driver lists.
+TORCH_GPUS = $(eval TORCH_GPUS := $(shell $(PY) -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0))$(TORCH_GPUS)
+DRIVER_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+# One process per usable GPU, else 2 CPU processes.
+NPROC ?= $(if $(filter-out 0,$(TORCH_GPUS)),$(TORCH_GPUS),2)
+# Where the driver lists GPUs the job must use them (dist.device=cuda), so a torch that cannot
+# (a driver too old for its CUDA) is one line and exit 2, not a silent CPU run.
+DEVICE ?= $(if $(filter-out 0,$(DRIVER_GPUS)),cuda,auto)
+TRAIN_ARGS = $(if $(filter-out auto,$(DEVICE)),dist.device=$(DEVICE)) $(ARGS)
 # CPU threads per process: cores / processes, unless OMP_NUM_THREADS is already set
 # (torchrun would otherwise force 1 and warn about it).
 THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
-ACCELERATE_CONFIG ?= $(if $(shell nvidia-smi -L 2>/dev/null),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
+ACCELERATE_CONFIG ?= $(if $(filter-out 0,$(TORCH_GPUS)),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
 # Worker failures torchrun absorbs by restarting the group, which resumes from the newest checkpoint.
 MAX_RESTARTS ?= 3
 # Random SIGKILLs `make chaos` deals to a training run (whole job or one worker, at random).
@@ -62,7 +70,7 @@ K8S_STAMP := $(K8S_VENV)/.installed
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "Variables: CONFIG=$(CONFIG) NPROC=$(NPROC) ARGS='key=value ...' PYTHON=$(PYTHON)"
+	@echo "Variables: CONFIG=$(CONFIG) NPROC=(GPUs torch can use, else 2) DEVICE=$(DEVICE) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
 	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
@@ -84,15 +92,15 @@ config: $(STAMP) ## print the resolved config (CONFIG, ARGS) as YAML
 # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it a restarted group hangs about 1 run in 3
 # (pytorch/pytorch#135712).
 train-local: $(STAMP) ## train with torchrun on this host (NPROC ranks: GPUs, else 2 CPU); resumes a killed run
-	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
+	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(TRAIN_ARGS) > /dev/null
 	TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} \
 		$(PY) -m job.launch --standalone --nproc-per-node $(NPROC) --max-restarts $(MAX_RESTARTS) \
-		-m job train --config $(CONFIG) $(ARGS)
+		-m job train --config $(CONFIG) $(TRAIN_ARGS)
 
 train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG from job/configs/accelerate/)
-	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(ARGS) > /dev/null
+	@$(PY) -m job config --world-size $(NPROC) --config $(CONFIG) $(TRAIN_ARGS) > /dev/null
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(THREADS)} $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) \
-		-m job train --config $(CONFIG) $(ARGS)
+		-m job train --config $(CONFIG) $(TRAIN_ARGS)
 
 chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check it ends bit-identical
 	$(PY) tests/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)

@@ -32,11 +32,16 @@ FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_PREEMPTED})
 
 
 def exit_code(worker_codes: Iterable[int]) -> int:
-    """The launcher's exit status for the failed workers' exit codes."""
+    """The launcher's exit status for the failed workers' exit codes (negative: killed by that signal).
+
+    A worker that stopped after a checkpoint (75) makes the agent stop its other workers with
+    SIGTERM; one that had not started training yet dies of it (-15) rather than exiting 75,
+    and that does not make the stop a failure.
+    """
     codes = set(worker_codes)
     if EXIT_BAD_INPUT in codes:
         return EXIT_BAD_INPUT
-    if codes == {EXIT_PREEMPTED}:
+    if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
         return EXIT_PREEMPTED
     return EXIT_FAILED
 

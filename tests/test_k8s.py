@@ -269,6 +269,8 @@ def test_world_size_is_nodes_times_processes_and_splits_the_global_batch(path, t
     cfg = load_job_config(docs, env["JOB_CONFIG"], overrides, tmp_path)
     assert rank_batch_size(cfg.data.global_batch_size, nodes * procs) * nodes * procs == cfg.data.global_batch_size
     assert cfg.data.download is False, "MNIST comes with the image (or the fetch-mnist init container)"
+    if gpus:
+        assert cfg.dist.device == "cuda", "GPUs asked for and not usable must be exit 2, not a CPU run"
 
 
 @pytest.mark.parametrize("path", JOB_OVERLAYS)

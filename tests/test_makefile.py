@@ -69,3 +69,43 @@ def test_push_refuses_to_run_without_a_registry():
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert "set REGISTRY" in result.stderr
+
+
+def _fake_gpu_host(tmp_path, driver_gpus: int, torch_gpus: int) -> dict[str, str]:
+    """PATH with an nvidia-smi listing `driver_gpus` GPUs, and a python whose torch sees `torch_gpus`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    listing = "".join(f'echo "GPU {i}: NVIDIA H200 (UUID: GPU-{i})"\n' for i in range(driver_gpus))
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\n{listing}")
+    (bin_dir / "python").write_text(f"#!/bin/sh\necho {torch_gpus}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "PY": str(bin_dir / "python")}
+
+
+def _train_local_command(tmp_path, driver_gpus: int, torch_gpus: int) -> str:
+    host = _fake_gpu_host(tmp_path, driver_gpus, torch_gpus)
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-n", "train-local", f"PY={host['PY']}", "STAMP=Makefile"],
+        cwd=REPO,
+        env={"PATH": host["PATH"], "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.replace("\\\n", " ").split())
+
+
+def test_train_local_starts_one_rank_per_gpu_that_torch_can_use(tmp_path):
+    command = _train_local_command(tmp_path, driver_gpus=8, torch_gpus=3)  # e.g. CUDA_VISIBLE_DEVICES=0,1,2
+    assert "--nproc-per-node 3" in command and "dist.device=cuda" in command
+
+
+def test_train_local_on_a_gpu_host_whose_torch_sees_no_gpu_asks_for_cuda_to_fail_clearly(tmp_path):
+    command = _train_local_command(tmp_path, driver_gpus=2, torch_gpus=0)
+    assert "--nproc-per-node 2" in command and "dist.device=cuda" in command
+
+
+def test_train_local_on_a_cpu_host_leaves_the_device_to_the_job(tmp_path):
+    command = _train_local_command(tmp_path, driver_gpus=0, torch_gpus=0)
+    assert "--nproc-per-node 2" in command and "dist.device" not in command
