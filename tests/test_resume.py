@@ -250,3 +250,15 @@ def test_a_checkpoint_written_before_the_progress_refactor_still_resumes(tiny_ro
     assert f"Resuming from {FORMAT_1_FIXTURE}: epoch 1, batch 4/8, step 4" in result.stdout
     summary = read_summary(run_dir)
     assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
+
+
+def test_three_ranks_resume_mid_epoch_to_the_uninterrupted_bits(tiny_root, tmp_path):
+    """At 3+ ranks a sum's rounding depends on its order: the rank-order gradient mean keeps a
+    resumed process (DDP's first step, initial buckets) in step with an uninterrupted one."""
+    three = ("data.global_batch_size=48", "data.train_limit=510", "train.epochs=1", *CHECKPOINTING)
+    reference = tmp_path / "reference"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, reference, *three)], nproc=3))
+    run_dir = tmp_path / "run"
+    start = f"train.resume={checkpoint(reference, 6)}"
+    assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, *three, start)], nproc=3))
+    assert_same_weights(run_dir, reference)
