@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from job.config import DataConfig, dump_config, load_config, rank_batch_size
+from job.config import DataConfig, dump_config, expand_path, load_config, rank_batch_size
 from job.console import setup_logging
 from job.errors import EXIT_BAD_INPUT, ConfigError, JobError
 from job.export import FORMATS
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (default: job/configs/default.yaml)")
+    parser.add_argument("--config", type=expand_path, help="YAML config file (default: job/configs/default.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=0.02")
 
 
@@ -37,31 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser("evaluate", help="print exact test figures of a model as one JSON line")
-    evaluate.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    evaluate.add_argument("--checkpoint", type=expand_path, required=True, help="model.pt or a checkpoint file")
     _add_config_args(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="read the digit in each image file (PNG, JPEG; any size)")
-    predict.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    predict.add_argument("--checkpoint", type=expand_path, required=True, help="model.pt or a checkpoint file")
     predict.add_argument("--json", action="store_true", help="one JSON object per line, with all 10 probabilities")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one digit each")
+    predict.add_argument("images", type=expand_path, nargs="+", metavar="IMAGE", help="image files, one digit each")
     predict.set_defaults(func=_predict)
 
     plot = commands.add_parser(
         "plot", help="draw a run's figures into RUN_DIR/plots/ (digits, training curve, confusions)"
     )
-    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train, e.g. runs/default")
-    plot.add_argument("--data-root", help="MNIST data directory (default: data.root of the run's config.yaml)")
+    plot.add_argument("run_dir", type=expand_path, metavar="RUN_DIR", help="a run directory, e.g. runs/default")
+    plot.add_argument("--data-root", type=expand_path, help="MNIST data directory (default: the run's data.root)")
     plot.set_defaults(func=_plot)
 
     export = commands.add_parser("export", help="write a model as safetensors or TorchScript, for use elsewhere")
-    export.add_argument("--checkpoint", required=True, help="model.pt or a checkpoint file")
+    export.add_argument("--checkpoint", type=expand_path, required=True, help="model.pt or a checkpoint file")
     export.add_argument("--format", required=True, choices=tuple(FORMATS), help="file format")
-    export.add_argument("--out", required=True, help="file to write (replaced if it exists)")
+    export.add_argument("--out", type=expand_path, required=True, help="file to write (replaced if it exists)")
     export.set_defaults(func=_export)
 
     fetch = commands.add_parser("data", help="fetch and verify MNIST")
-    fetch.add_argument("--root", help="data directory (default: data.root of the default config)")
+    fetch.add_argument("--root", type=expand_path, help="data directory (default: data.root of the default config)")
     fetch.set_defaults(func=_data)
 
     show = commands.add_parser("config", help="validate a config and print it resolved, as YAML")

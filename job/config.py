@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,9 +158,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_dict(tree, source=str(path))
 
 
+PATH_KEYS = ("data.root", "run.dir", "train.resume")
+"""Keys that hold a path. A leading `~` is expanded to the home directory, as a shell would (a
+path in a YAML file or a quoted override never meets a shell); environment variables are not."""
+
+
+def expand_path(path: str) -> str:
+    """`path` with a leading `~` or `~user` expanded; unchanged otherwise (auto and never too)."""
+    return os.path.expanduser(path)
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     """A validated Config from a nested dict; unknown keys, wrong types and bad ranges raise."""
     cfg = _build(Config, tree, prefix="", source=source)
+    for key in PATH_KEYS:
+        value = get_dotted(cfg, key)
+        if isinstance(value, str):
+            *parents, leaf = key.split(".")
+            setattr(get_dotted(cfg, ".".join(parents)) if parents else cfg, leaf, expand_path(value))
     for key, (ok, expected) in _RANGES.items():
         value = get_dotted(cfg, key)
         if not ok(value):

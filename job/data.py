@@ -181,6 +181,8 @@ def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
     if len(blob) != expected:
         state = "truncated" if len(blob) < expected else "longer than its header says"
         raise DataError(f"{path} is {state} ({len(blob)} bytes, expected {expected}); fetch it again")
+    if expected == header:  # no samples: frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(blob[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -205,17 +207,50 @@ class Split:
         return Split(images=self.images.to(device), labels=self.labels.to(device))
 
 
+IMAGE_SIZE = 28
+"""Height and width of every image: the net's first linear layer takes 20 x 4 x 4 features, what
+two 5x5 convolutions and two 2x2 poolings leave of 28 x 28."""
+
+NUM_CLASSES = 10
+"""Labels are the digits 0-9: the net has 10 outputs and nll_loss indexes them by label."""
+
+
 def load_split(root: str | Path, split: Literal["train", "test"], limit: int | None = None) -> Split:
-    """One split from its raw IDX files, optionally only its first `limit` samples."""
+    """One split from its raw IDX files, optionally only its first `limit` samples.
+
+    Everything the net and the loss assume is checked here, before any training step or any
+    file is written: unsigned-byte IDX files (read_idx), images of IMAGE_SIZE x IMAGE_SIZE,
+    as many labels as images, at least one sample, labels in 0..NUM_CLASSES-1. A file that
+    breaks one raises DataError naming the file, the first offending index and value, and the fix.
+    """
     prefix = {"train": "train", "test": "t10k"}[split]
-    images = read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte", ndim=3)
-    labels = read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte", ndim=1)
+    images_path = raw_dir(root) / f"{prefix}-images-idx3-ubyte"
+    labels_path = raw_dir(root) / f"{prefix}-labels-idx1-ubyte"
+    images = read_idx(images_path, ndim=3)
+    labels = read_idx(labels_path, ndim=1)
+    if tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(
+            f"{images_path} holds {images.shape[1]}x{images.shape[2]}-pixel images; the net takes "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} (MNIST's size): resize them to {IMAGE_SIZE}x{IMAGE_SIZE}"
+        )
     if len(images) != len(labels):
-        raise DataError(f"{split} split: {len(images)} images but {len(labels)} labels under {raw_dir(root)}")
+        raise DataError(
+            f"{split} split: {images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
+            "each image needs exactly one label"
+        )
     if limit is not None:
         if limit > len(labels):
             raise DataError(f"data.train_limit={limit} exceeds the {len(labels)} {split} samples available")
         images, labels = images[:limit], labels[:limit]
+    if len(labels) == 0:
+        raise DataError(f"{split} split: {images_path} holds no samples; it needs at least one")
+    outside = (labels >= NUM_CLASSES).nonzero()
+    if len(outside):
+        index = int(outside[0])
+        raise DataError(
+            f"{labels_path}: label {int(labels[index])} at index {index} is not a digit 0-{NUM_CLASSES - 1} "
+            f"(the net has {NUM_CLASSES} outputs); fix the labels ({len(outside)} are out of range)"
+        )
     return Split(images=normalize(images), labels=labels.long())
 
 

@@ -9,6 +9,11 @@ training and evaluation run one code path at every world size.
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +25,15 @@ import torch.distributed as dist
 
 from job.config import DistConfig
 from job.device import choose_backend_and_device
-from job.errors import JobError, LaunchEnvError, LaunchError, PeerFailedError, PeerLostError, message_line
+from job.errors import (
+    EXIT_BAD_INPUT,
+    JobError,
+    LaunchEnvError,
+    LaunchError,
+    PeerFailedError,
+    PeerLostError,
+    message_line,
+)
 
 T = TypeVar("T")
 
@@ -139,18 +152,87 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         # No peers: an in-memory store needs no address or port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        cannot_join = f"cannot join the process group at {where} within dist.timeout_s={cfg.timeout_s}"
+        hint = (
+            "check MASTER_ADDR and that every rank started; if another program holds the port, pick a free "
+            "MASTER_PORT (or let torchrun pick: --standalone, or --rdzv-endpoint HOST:FREE_PORT)"
+        )
+        # torch's own timeout does not cover every wait: a client whose MASTER_PORT is held by a
+        # program that accepts and never answers waits in the store's handshake indefinitely.
+        _wait_until_resolvable(os.environ["MASTER_ADDR"], cfg.timeout_s)
+        no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
         try:
-            dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
+            with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
+                dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
         except (RuntimeError, ValueError) as e:  # DistStoreError and friends subclass RuntimeError
-            raise LaunchError(
-                f"cannot join the process group at {os.environ.get('MASTER_ADDR')}:"
-                f"{os.environ.get('MASTER_PORT')} within dist.timeout_s={cfg.timeout_s}: "
-                f"{message_line(e)}; check MASTER_ADDR/MASTER_PORT and that every rank started"
-            ) from None
+            raise LaunchError(f"{cannot_join}: {message_line(e)}; {hint}") from None
     try:
         yield DistContext(env=env, backend=backend, device=device, control_group=control_group(backend, timeout))
     finally:
         dist.destroy_process_group()
+
+
+def _wait_until_resolvable(host: str, timeout_s: float) -> None:
+    """Return once `host` resolves; LaunchError if it does not within `timeout_s` (a name a fresh
+    pod's DNS record has not reached yet resolves a moment later, a misspelt one never)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except (socket.gaierror, UnicodeError) as e:
+            if time.monotonic() >= deadline:
+                raise LaunchError(
+                    f"MASTER_ADDR={host} does not resolve ({e}) within dist.timeout_s={timeout_s:g}; set it to the "
+                    "address (or a resolvable name) of the host that runs rank 0"
+                ) from None
+        time.sleep(1)
+
+
+@contextmanager
+def _stderr_held_back() -> Iterator[int]:
+    """Standard error (fd 2, where torch's C++ logs go) into a discarded file for the block;
+    yields a descriptor of the real one. c10d prints dozens of connection retries and C++ stack
+    traces while a rendezvous address does not resolve, burying the one line that says what is
+    wrong. Setting TORCH_CPP_LOG_LEVEL (e.g. INFO) keeps them on the console, for debugging."""
+    console = os.dup(2)
+    if os.environ.get("TORCH_CPP_LOG_LEVEL"):
+        try:
+            yield console
+        finally:
+            os.close(console)
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield console
+        finally:
+            os.dup2(console, 2)
+            os.close(console)
+
+
+class _Deadline:
+    """A block that must end within `seconds`: otherwise this rank writes `message` as its one
+    error line to `console` and exits EXIT_BAD_INPUT at once (the wait it is stuck in cannot be
+    interrupted from Python, and nothing has been written yet)."""
+
+    def __init__(self, seconds: float, message: str, console: int) -> None:
+        self._timer = threading.Timer(seconds, self._expire, args=(message, console))
+        self._timer.daemon = True
+
+    def __enter__(self) -> None:
+        self._timer.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    @staticmethod
+    def _expire(message: str, console: int) -> None:
+        tag = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        os.write(console, f"{tag}error: {message}\n".encode())
+        os._exit(EXIT_BAD_INPUT)
 
 
 def control_group(backend: str, timeout: timedelta) -> dist.ProcessGroup | None:

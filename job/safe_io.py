@@ -13,14 +13,16 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import secrets
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from job.errors import BadInputError, message_line
+from job.errors import BadInputError
 
 
 def _create_temp(target: Path) -> tuple[Path, int]:
@@ -86,16 +88,78 @@ def load_weights_only(path: str | Path) -> Any:
 
 
 def loads_weights_only(data: bytes, name: str | Path) -> Any:
-    """load_weights_only for a file's bytes (as rank 0 broadcasts them); `name` is for messages."""
+    """load_weights_only for a file's bytes (as rank 0 broadcasts them); `name` is for messages.
+
+    A file that torch refuses is classified from its own contents, not from torch's wording
+    (which changes between versions and advises loading with weights_only=False, i.e. running
+    the file's code): an intact archive whose pickle needs a global besides tensors and plain
+    containers is "not a weights-only file", naming the global; anything else is damaged.
+    """
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch wraps the one line that matters in paragraphs of advice: keep that line.
-        boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-        details = [line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(boilerplate)]
-        reason = details[0] if details else "unreadable pickle"
-        if "GLOBAL" in reason:
-            raise BadInputError(f"checkpoint {name} is not a weights-only file and was not loaded ({reason})") from None
-        raise BadInputError(f"checkpoint {name} is truncated or corrupt ({reason})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise BadInputError(f"checkpoint {name} is truncated or corrupt ({message_line(e)})") from None
+        with warnings.catch_warnings():  # torch's remarks on a foreign file's pickle protocol: noise here
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        foreign = foreign_globals(data)
+        if foreign:
+            raise BadInputError(
+                f"checkpoint {name} is not a weights-only file: besides tensors it holds {foreign[0]}, which "
+                "loading weights only refuses, so it was not loaded; if you trust it, load it in the program "
+                "that wrote it and save just the weights: torch.save(model.state_dict(), path)"
+            ) from None
+        raise BadInputError(
+            f"checkpoint {name} is truncated or corrupt ({_damage(data, e)}); use an intact copy"
+        ) from None
+
+
+# What torch.save needs to write tensors, state dicts and plain containers (protocol 2 pickles
+# name these through GLOBAL); anything else is a class or function a weights-only load refuses.
+_TENSOR_GLOBALS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset"}
+
+
+def foreign_globals(data: bytes) -> list[str]:
+    """The globals (module.name) that a torch.save archive's pickle references beyond tensors and
+    plain containers, in order of appearance; empty when there are none or the bytes are not an
+    intact archive. Reads the pickle's opcodes without executing any."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            (entry,) = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+            pickled = archive.read(entry)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError):
+        return []
+    found: list[str] = []
+    strings: list[str] = []  # the latest string pushes: STACK_GLOBAL takes module and name from them
+    memo: dict[int, str] = {}
+    try:
+        for op, arg, _ in pickletools.genops(pickled):
+            if op.name == "GLOBAL":
+                qualified = str(arg).replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                qualified = f"{strings[-2]}.{strings[-1]}"
+            else:
+                if isinstance(arg, str) and ("UNICODE" in op.name or op.name.endswith("STRING")):
+                    strings.append(arg)
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                    memo[int(arg)] = strings[-1]
+                elif op.name == "MEMOIZE" and strings:
+                    memo[len(memo)] = strings[-1]
+                elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
+                    strings.append(memo[int(arg)])
+                continue
+            if not (qualified.startswith("torch.") or qualified in _TENSOR_GLOBALS) and qualified not in found:
+                found.append(qualified)
+    except ValueError:  # a pickle cut short: what was read so far still counts
+        pass
+    return found
+
+
+def _damage(data: bytes, error: BaseException) -> str:
+    """What is wrong with bytes torch could not load, in words that do not depend on torch's."""
+    if not data:
+        return "the file is empty"
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        if data[:2] == b"\x80\x02":
+            return "an unreadable legacy torch.save file"
+        return "not a complete torch.save archive: cut short, or another format"
+    detail = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
+    return detail[0] if detail else type(error).__name__

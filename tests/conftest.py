@@ -94,6 +94,8 @@ def run_job(
         cmd = [sys.executable, "-m", "job", *args]
     elif launcher == "torchrun":
         cmd = [*_torchrun(nproc), "-m", "job", *args]
+    elif launcher == "job.launch":  # the exit-code-aware torchrun every make target and cluster uses
+        cmd = [sys.executable, "-m", "job.launch", *_torchrun(nproc)[1:], "-m", "job", *args]
     elif launcher == "accelerate":
         cmd = [
             str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
