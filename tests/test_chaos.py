@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO, clean_env, make_tiny_mnist, tiny_overrides
+from helpers import REPO, clean_env, make_tiny_mnist, tiny_overrides
 
 
 def test_chaos_kills_a_job_and_a_worker_and_finds_the_same_bits(tmp_path):

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_job
+from helpers import REPO, assert_one_line_error, run_job
 
 from job.config import DEFAULT_CONFIG, Config, config_to_dict, dump_config, load_config
 from job.errors import ConfigError

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY_TEST,
     TINY_TRAIN,
     assert_ok,

@@ -17,9 +17,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from chaos import kill_tree
-from conftest import BIN, REPO, assert_ok, clean_env, make_tiny_mnist, run_job, tiny_overrides
-from test_resume import assert_same_weights, checkpoint
+from helpers import (
+    BIN,
+    REPO,
+    assert_ok,
+    assert_same_weights,
+    checkpoint,
+    checkpoint_steps,
+    clean_env,
+    kill_tree,
+    make_tiny_mnist,
+    run_job,
+    tiny_overrides,
+)
 
 from job.errors import EXIT_FAILED, EXIT_PREEMPTED
 
@@ -61,8 +71,7 @@ def wait_for_checkpoint(run_dir: Path, step: int, procs: list[subprocess.Popen],
     """Until a checkpoint at `step` or later exists (the job still running)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        steps = [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
-        if steps and max(steps) >= step:
+        if max(checkpoint_steps(run_dir), default=0) >= step:
             return
         if any(p.poll() is not None for p in procs):
             pytest.fail(f"the job ended before step {step}:\n{log.read_text()}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, load_state, read_summary, run_job
+from helpers import REPO, assert_ok, load_state, read_summary, run_job
 
 pytestmark = pytest.mark.image
 

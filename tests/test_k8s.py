@@ -15,13 +15,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import K8S_BIN, LINT_BIN, REPO, tool
 
 from job.config import load_config, rank_batch_size
 from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
-K8S_BIN = REPO / ".venv-k8s" / "bin"
-LINT_BIN = REPO / ".venv-lint" / "bin"
 # The oldest Kubernetes whose defaults run the Job: backoffLimitPerIndex, FailIndex and
 # podReplacementPolicy are beta and on from 1.29 (podFailurePolicy from 1.26). The newest
 # is the newest schema kubernetes-validate ships.
@@ -41,16 +39,6 @@ KUBEFLOW_KINDS = {"PyTorchJob", "TrainJob"}
 APP_DIR = Path("/app")  # docker/Dockerfile's WORKDIR: relative config paths start here
 IMAGE_UID = 10001  # docker/Dockerfile's USER
 CONFIG_DIR = "/etc/mnist-ddp/config"  # where the pods mount the ConfigMap of job/configs
-
-
-def tool(venv_bin: Path, name: str) -> str:
-    path = venv_bin / name
-    if not path.exists():
-        pytest.fail(
-            f"{path} is missing: `make test` installs it (or `make {venv_bin.parent.name}/.installed`)",
-            pytrace=False,
-        )
-    return str(path)
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:

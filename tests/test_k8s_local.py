@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_tiny_mnist
+from helpers import K8S_BIN, REPO, assert_same_weights, checkpoint_steps, make_tiny_mnist, tool
 from k8s_local import (
     BACKOFF_BASE_S,
     PREFIX,
@@ -38,8 +38,6 @@ from k8s_local import (
     netns_names,
     remove_leftovers,
 )
-from test_k8s import K8S_BIN, tool
-from test_resume import assert_same_weights
 
 pytestmark = pytest.mark.k8s_local
 
@@ -153,10 +151,6 @@ def run_to_completion(manifests: Manifests, host: Host, work: Path) -> LocalJob:
         job.wait(timeout=240)
     leftovers.assert_none()
     return job
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
 
 
 @pytest.fixture(scope="module")

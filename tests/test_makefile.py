@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
-from conftest import REPO
+from helpers import REPO
 
 
 def _make(*args: str) -> str:

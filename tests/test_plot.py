@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, assert_one_line_error, run_job, tiny_overrides
+from helpers import assert_ok, assert_one_line_error, run_job, tiny_overrides
 from PIL import Image
 
 from job.plot import confusion_matrix

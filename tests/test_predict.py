@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, assert_one_line_error, run_job, write_random_model
+from helpers import assert_ok, assert_one_line_error, run_job, write_random_model
 from PIL import Image, ImageDraw
 
 from job.predict import ImageFileError, mnist_like, read_grey

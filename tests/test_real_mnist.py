@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_ok, assert_one_line_error, read_summary, run_job
+from helpers import REPO, assert_ok, assert_one_line_error, read_summary, run_job
 from PIL import Image
 
 from job.data import SHA256, missing_files, raw_dir, read_idx, verify_checksums

@@ -7,7 +7,6 @@ and change the config under them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,30 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_ok, assert_one_line_error, load_state, read_summary, run_job, tiny_overrides
+from helpers import (
+    TINY_TRAIN,
+    assert_ok,
+    assert_one_line_error,
+    assert_same_weights,
+    checkpoint,
+    read_summary,
+    run_job,
+    snapshot,
+    tiny_overrides,
+)
 
 from job import data
 from job.resume import recipe_digest
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
 STEPS = [3, 6, 8, 9, 12, 15, 16]
-
-
-def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:09d}.pt"
-
-
-def assert_same_weights(run_dir: Path, reference: Path) -> None:
-    ours, theirs = load_state(run_dir / "model.pt"), load_state(reference / "model.pt")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` with its sha256: what 'left as it was' means."""
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(directory.rglob("*"))
-    }
 
 
 def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides
-from test_resume import assert_same_weights
+from helpers import REPO, assert_one_line_error, assert_same_weights, clean_env, run_job, tiny_overrides
 
 from job import data
 from job.model import Net
