@@ -95,16 +95,16 @@ train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG fr
 		-m job train --config $(CONFIG) $(ARGS)
 
 chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check it ends bit-identical
-	$(PY) tests/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
+	$(PY) tests/tools/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
 
 # Rounds of the four side-by-side CPU measurements `make bench` takes the medians of.
 ROUNDS ?= 3
 
 bench: $(STAMP) data ## training speed: the tutorial's loop vs the job at W=1 and W=2 vs the data path; writes docs/PERFORMANCE.md
-	$(PY) tests/bench.py --rounds $(ROUNDS) $(ARGS)
+	$(PY) tests/tools/bench.py --rounds $(ROUNDS) $(ARGS)
 
 bench-gpu: $(STAMP) data ## the same on one CUDA device: tutorial vs job, bit-identical reruns, each speed.* switch
-	$(PY) tests/bench.py --gpu $(ARGS)
+	$(PY) tests/tools/bench.py --gpu $(ARGS)
 
 # A missing run directory is one line, not an empty TensorBoard or a Python error.
 define need_run

@@ -96,7 +96,7 @@ def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: P
     ratios, and the hand-written text around the markers kept. Timings are not asserted."""
     out = tmp_path / "PERFORMANCE.md"
     out.write_text("# Speed\n\nanalysis above\n\n<!-- bench:cpu -->\nold table\n<!-- /bench:cpu -->\n\nnotes below\n")
-    cmd = [sys.executable, "tests/bench.py", "--rounds", "1", "--data", str(tiny_root), "--out", str(out)]
+    cmd = [sys.executable, "tests/tools/bench.py", "--rounds", "1", "--data", str(tiny_root), "--out", str(out)]
     cmd += ["data.verify=false", "data.test_batch_size=50"]
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed on toy data

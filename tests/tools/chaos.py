@@ -1,6 +1,6 @@
 """Chaos check: kill a training job at random moments, let it resume, compare the bits.
 
-    python tests/chaos.py [--kills 5] [--seed S] [--nproc 2] [--config FILE] [KEY=VALUE ...]
+    python tests/tools/chaos.py [--kills 5] [--seed S] [--nproc 2] [--config FILE] [KEY=VALUE ...]
 
 1. Trains once without interruption (the reference).
 2. Trains again under `torchrun --max-restarts`, with kills aimed at random steps spread
@@ -31,7 +31,10 @@ from pathlib import Path
 
 import psutil
 import torch
-from helpers import checkpoint_steps, kill_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
+from helpers import checkpoint_steps, kill_tree  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
