@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import make_tiny_mnist
+from helpers import REPO, make_tiny_mnist
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated MNIST-layout dataset: 512 training and 203 test samples."""
     return make_tiny_mnist(tmp_path_factory.mktemp("tiny") / "data")
+
+
+def _made(target: str) -> None:
+    """`make TARGET` (nothing to do when it is up to date): the tool virtualenvs are built when a
+    test that needs one is selected, not by every `make test` or `make test-fast`."""
+    result = subprocess.run(["make", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"make {target} failed:\n{result.stdout}{result.stderr}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_venv() -> None:
+    """helpers.K8S_BIN: kubectl with kustomize, kubernetes-validate, the Kubeflow models."""
+    _made(".venv-k8s/.installed")
+
+
+@pytest.fixture(scope="session")
+def lint_venv() -> None:
+    """helpers.LINT_BIN: checkov."""
+    _made(".venv-lint/.installed")

@@ -2,7 +2,8 @@
 checkov, and agree with each other, with the job's config and with its exit codes.
 
 The tools come from .venv-k8s (k8s/requirements.txt: kubectl with kustomize, the schema
-validator, the Kubeflow models) and .venv-lint (checkov), which `make test` creates.
+validator, the Kubeflow models) and .venv-lint (checkov), which conftest's k8s_venv and
+lint_venv fixtures build with make when a test here is selected.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from helpers import K8S_BIN, LINT_BIN, REPO, tool
 
 from job.config import load_config, rank_batch_size
 from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
+
+pytestmark = pytest.mark.usefixtures("k8s_venv")
 
 # The oldest Kubernetes whose defaults run the Job: backoffLimitPerIndex, FailIndex and
 # podReplacementPolicy are beta and on from 1.29 (podFailurePolicy from 1.26). The newest
@@ -195,6 +198,7 @@ def test_the_round_trip_catches_a_misspelled_kubeflow_field(path, kind, typo):
     assert round_trip(doc) != doc
 
 
+@pytest.mark.usefixtures("lint_venv")
 def test_checkov_finds_no_failed_check(tmp_path):
     # What gets applied: the overlays and TensorBoard (k8s/base has no image tag by design).
     for path in [p for p in KUSTOMIZATIONS if p.startswith(("k8s/overlays/", "k8s/tensorboard"))]:

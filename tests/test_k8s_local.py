@@ -92,7 +92,7 @@ def require_root_and_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory) -> Manifests:
+def manifests(tmp_path_factory, k8s_venv) -> Manifests:
     require_root_and_tools()
     overlay = tmp_path_factory.mktemp("overlay")
     (overlay / "tiny.yaml").write_text(TINY_CONFIG)
