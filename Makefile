@@ -57,7 +57,7 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test test-fast \
 	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test clean distclean
 
 help: ## list the targets
@@ -126,6 +126,11 @@ export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to 
 
 test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
+# tests are marked so too (tests/README.md).
+test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
+	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
 $(LINT_STAMP): docker/lint-requirements.txt
 	$(PYTHON) -m venv $(LINT_VENV)

@@ -26,6 +26,8 @@ from helpers import (
 from job.checkpoint import load_weights_only
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
 
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_root, tmp_path_factory):

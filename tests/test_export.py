@@ -10,6 +10,8 @@ from helpers import assert_ok, assert_one_line_error, run_job, write_random_mode
 
 from job.model import Net
 
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -29,7 +29,7 @@ import pytest
 import torch
 from helpers import REPO, assert_ok, load_state, read_summary, run_job
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.processes]
 
 TOOLS = ("buildah", "podman", "runc", "debootstrap")
 IMAGE = "localhost/mnist-ddp:image-test"

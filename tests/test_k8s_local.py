@@ -30,7 +30,7 @@ from k8s_local.image import Host
 from k8s_local.manifests import Manifests
 from k8s_local.network import PREFIX, Network, delete_netns, ip, netns_names, remove_leftovers
 
-pytestmark = pytest.mark.k8s_local
+pytestmark = [pytest.mark.k8s_local, pytest.mark.processes]
 
 OVERLAY = REPO / "k8s" / "overlays" / "cpu"
 RUN_DIR = "/app/runs/k8s-local"  # in the pod: on the runs PVC

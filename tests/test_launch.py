@@ -53,16 +53,19 @@ def starts(tmp_path: Path) -> int:
     return len((tmp_path / "starts").read_text().splitlines())
 
 
+@pytest.mark.processes
 def test_torchrun_itself_exits_1_when_its_workers_exit_75(tmp_path):
     """Why the launcher exists: torchrun hides its workers' codes."""
     assert launch(tmp_path, str(EXIT_PREEMPTED), launcher=False).wait(timeout=120) == EXIT_FAILED
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
 def test_the_launcher_exits_with_the_workers_code(tmp_path, code):
     assert launch(tmp_path, str(code)).wait(timeout=120) == code
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
 def test_the_launcher_never_restarts_after_bad_input_or_a_stop(tmp_path, code):
     """Plain torchrun --max-restarts 3 would start the group 4 times for a config error."""
@@ -70,11 +73,13 @@ def test_the_launcher_never_restarts_after_bad_input_or_a_stop(tmp_path, code):
     assert starts(tmp_path) == 2  # the two workers, once
 
 
+@pytest.mark.processes
 def test_the_launcher_still_restarts_after_a_run_time_failure(tmp_path):
     assert launch(tmp_path, str(EXIT_FAILED), max_restarts=2).wait(timeout=120) == EXIT_FAILED
     assert starts(tmp_path) == 2 * 3  # the first start and two restarts
 
 
+@pytest.mark.processes
 def test_the_launcher_exits_75_when_sigterm_stops_torchrun(tmp_path):
     ready = tmp_path / "ready"
     process = launch(tmp_path, "-15", str(ready))

@@ -12,6 +12,8 @@ from PIL import Image
 
 from job.data import SHA256, missing_files, raw_dir, read_idx, verify_checksums
 
+pytestmark = pytest.mark.processes
+
 SEED_ACCURACY = 0.965  # the tutorial reaches 0.9665-0.972 after 3 epochs
 
 

@@ -53,6 +53,7 @@ def reference(tiny_root, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.processes
 def test_checkpoints_hold_everything_a_resume_needs(reference):
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [f"step-{s:09d}.pt" for s in STEPS]
     state = torch.load(checkpoint(reference, 9), weights_only=True)
@@ -74,6 +75,7 @@ def test_checkpoints_hold_everything_a_resume_needs(reference):
     assert {"cpu", "python"} <= set(rng[0])
 
 
+@pytest.mark.processes
 def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tiny_root, run_dir, "checkpoint.every_steps=3", "checkpoint.keep=2", "train.epochs=1")
@@ -81,6 +83,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000006.pt", "step-000000008.pt"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("step", [6, 8, 15], ids=["mid-epoch-1", "epoch-end", "mid-epoch-2"])
 def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, tiny_root, tmp_path, step):
     run_dir = tmp_path / "run"
@@ -93,6 +96,7 @@ def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, ti
     assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
 
 
+@pytest.mark.processes
 def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
@@ -110,6 +114,7 @@ def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path
     assert [step for step, *_ in events(run_dir, "resume")] == [9]
 
 
+@pytest.mark.processes
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     newest = checkpoint(run_dir, 9)
@@ -127,6 +132,7 @@ class _Exploit:
         return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
 
 
+@pytest.mark.processes
 def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_root, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
@@ -140,6 +146,7 @@ def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_
     assert_same_weights(run_dir, reference)
 
 
+@pytest.mark.processes
 def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     for step in (3, 6, 8, 9):
@@ -151,6 +158,7 @@ def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.processes
 def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_path):
     start = f"train.resume={reference / 'model.pt'}"
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", start)])
@@ -160,6 +168,7 @@ def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_a_config_change_that_breaks_resume_is_refused(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -172,6 +181,7 @@ def test_a_config_change_that_breaks_resume_is_refused(reference, tiny_root, tmp
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.processes
 def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -192,6 +202,7 @@ def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root,
     assert read_summary(run_dir)["global_step"] == 24
 
 
+@pytest.mark.processes
 def test_resuming_at_another_world_size_warns_and_finishes_the_epoch(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     start = f"train.resume={checkpoint(reference, 6)}"
