@@ -65,7 +65,7 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test test-fast \
 	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test clean distclean
 
 help: ## list the targets
@@ -103,16 +103,16 @@ train-accelerate: $(STAMP) ## train with accelerate launch (ACCELERATE_CONFIG fr
 		-m job train --config $(CONFIG) $(TRAIN_ARGS)
 
 chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check it ends bit-identical
-	$(PY) tests/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
+	$(PY) tests/tools/chaos.py --kills $(KILLS) --nproc $(NPROC) --config $(CONFIG) $(ARGS)
 
 # Rounds of the four side-by-side CPU measurements `make bench` takes the medians of.
 ROUNDS ?= 3
 
 bench: $(STAMP) data ## training speed: the tutorial's loop vs the job at W=1 and W=2 vs the data path; writes docs/PERFORMANCE.md
-	$(PY) tests/bench.py --rounds $(ROUNDS) $(ARGS)
+	$(PY) tests/tools/bench.py --rounds $(ROUNDS) $(ARGS)
 
 bench-gpu: $(STAMP) data ## the same on one CUDA device: tutorial vs job, bit-identical reruns, each speed.* switch
-	$(PY) tests/bench.py --gpu $(ARGS)
+	$(PY) tests/tools/bench.py --gpu $(ARGS)
 
 # A missing run directory is one line, not an empty TensorBoard or a Python error.
 define need_run
@@ -132,8 +132,13 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
-test: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
+test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
+# tests are marked so too (tests/README.md).
+test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
+	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
 $(LINT_STAMP): docker/lint-requirements.txt
 	$(PYTHON) -m venv $(LINT_VENV)

@@ -8,13 +8,15 @@ the job through this module, because plain torchrun (measured with torch 2.14.1)
 - exits 1 when a worker fails, whatever its code, and 1 again when SIGTERM stops it, so a
   Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75.
 
-Here a worker that exits 2 (bad input) or 75 (stopped after a checkpoint) ends the run at
-once: no retry can fix the one, and the other was asked to stop. Any other failure (a lost
-peer, a crash) is still restarted by torchrun's elastic agent, up to --max-restarts. The exit
-status is the job's own (job/errors.py):
+Here a worker that exits 2 (bad input) ends the run at once: no retry can fix it. Any other
+failure is still restarted by torchrun's elastic agent, up to --max-restarts: a lost peer, a
+crash, and workers that stopped after a checkpoint (75) because a peer on another host was
+preempted (the restarted group waits in the rendezvous for that host's replacement). A stop
+asked of this launcher itself (SIGTERM) is not restarted. The exit status is the job's own
+(job/errors.py):
   2   a worker exited 2: bad input, retrying cannot help
-  75  every failed worker exited 75, or SIGTERM stopped torchrun: preempted after a
-      checkpoint; start the same command again to resume
+  75  the workers stopped after a checkpoint (75), or SIGTERM stopped this launcher:
+      start the same command again to resume
   1   anything else: a run-time failure (a retry may help)
 """
 
@@ -27,7 +29,7 @@ from collections.abc import Iterable
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 
-FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_PREEMPTED})
+FINAL_CODES = frozenset({EXIT_BAD_INPUT})
 """Worker exit codes after which restarting the group cannot help."""
 
 
@@ -47,7 +49,7 @@ def exit_code(worker_codes: Iterable[int]) -> int:
 
 
 def _no_restart_after_final_codes() -> None:
-    """Make the elastic agent stop, not restart, when a worker exits with a final code.
+    """Make the elastic agent stop, not restart, when a worker exits with a code in FINAL_CODES.
 
     The agent restarts while `_remaining_restarts > 0` after `_monitor_workers` reports a
     failed group (torch/distributed/elastic/agent/server/api.py, `_invoke_run`); torch has no

@@ -103,9 +103,9 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
         foreign = foreign_globals(data)
         if foreign:
             raise BadInputError(
-                f"checkpoint {name} is not a weights-only file: besides tensors it holds {foreign[0]}, which "
-                "loading weights only refuses, so it was not loaded; if you trust it, load it in the program "
-                "that wrote it and save just the weights: torch.save(model.state_dict(), path)"
+                f"checkpoint {name} is not a weights-only file and was not loaded: besides tensors it holds "
+                f"{foreign[0]}, which loading weights only refuses; if you trust it, load it in the program that "
+                "wrote it and save just the weights: torch.save(model.state_dict(), path)"
             ) from None
         raise BadInputError(
             f"checkpoint {name} is truncated or corrupt ({_damage(data, e)}); use an intact copy"

@@ -1,52 +1,12 @@
-"""Shared helpers: small generated IDX datasets and real launches of the job.
-
-Multi-process tests start real process groups (gloo) through the real launchers
-(torchrun, accelerate launch), exactly as a user would.
-"""
+"""Fixtures only; the helpers they use, and the tests use, are in helpers.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
-
-TINY_TRAIN, TINY_TEST = 512, 203  # 203 splits unevenly over 2 and 3 ranks: padding would show
-
-
-def write_idx(path: Path, array: torch.Tensor) -> None:
-    """An IDX file of unsigned bytes, as MNIST's raw files are laid out."""
-    header = (0x0800 | array.dim()).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.to(torch.uint8).contiguous().numpy().tobytes())
-
-
-def synthetic_digits(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Learnable fake digits: class k is a bright 6x6 block at a class-specific place, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 28, 28), generator=g)
-    for i, k in enumerate(labels.tolist()):
-        row, col = 3 + 7 * (k // 4), 3 + 6 * (k % 4)
-        images[i, row : row + 6, col : col + 6] = 255
-    return images.to(torch.uint8), labels.to(torch.uint8)
-
-
-def make_tiny_mnist(root: Path, train: int = TINY_TRAIN, test: int = TINY_TEST) -> Path:
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", train, 0), ("t10k", test, 1)):
-        images, labels = synthetic_digits(n, seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return root
+from helpers import BIN, REPO, make_tiny_mnist
 
 
 @pytest.fixture(scope="session")
@@ -55,94 +15,38 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_mnist(tmp_path_factory.mktemp("tiny") / "data")
 
 
-def tiny_overrides(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    """Overrides that point the job at generated data (no checksum, no download) and a run dir."""
-    return [
-        f"data.root={root}",
-        "data.verify=false",
-        "data.download=false",
-        "data.test_batch_size=50",
-        f"run.dir={run_dir}",
-        "train.epochs=2",
-        "optim.lr=0.05",  # the generated digits are learned in 16 steps at this rate
-        *extra,
-    ]
+def _made(target: str) -> None:
+    """`make TARGET` (nothing to do when it is up to date): the tool virtualenvs are built when a
+    test that needs one is selected, not by every `make test` or `make test-fast`."""
+    result = subprocess.run(["make", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.fail(f"make {target} failed:\n{result.stdout}{result.stderr}", pytrace=False)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without launcher variables, so a test decides how the job is launched."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
+@pytest.fixture(scope="session")
+def k8s_venv() -> None:
+    """helpers.K8S_BIN: kubectl with kustomize, kubernetes-validate, the Kubeflow models."""
+    _made(".venv-k8s/.installed")
 
 
-def _torchrun(nproc: int) -> list[str]:
-    return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc)]
+@pytest.fixture(scope="session")
+def lint_venv() -> None:
+    """helpers.LINT_BIN: checkov."""
+    _made(".venv-lint/.installed")
 
 
-def run_job(
-    args: list[str],
-    nproc: int | None = None,
-    launcher: str = "torchrun",
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    timeout: float = 300,
-) -> subprocess.CompletedProcess[str]:
-    """`python -m job ARGS`, alone (nproc None) or under a real launcher with nproc processes."""
-    if nproc is None:
-        cmd = [sys.executable, "-m", "job", *args]
-    elif launcher == "torchrun":
-        cmd = [*_torchrun(nproc), "-m", "job", *args]
-    elif launcher == "job.launch":  # the exit-code-aware torchrun every make target and cluster uses
-        cmd = [sys.executable, "-m", "job.launch", *_torchrun(nproc)[1:], "-m", "job", *args]
-    elif launcher == "accelerate":
-        cmd = [
-            str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "job", *args,
-        ]  # fmt: skip
-    else:
-        raise ValueError(launcher)
-    return subprocess.run(cmd, cwd=cwd or REPO, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(autouse=True)
+def _processes_are_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts the job's Python (the job, a launcher, a probe, a tool) must carry the
+    `processes` marker, or `make test-fast` would run it: unmarked, such a start fails the test."""
+    if request.node.get_closest_marker("processes"):
+        return
+    popen_init = subprocess.Popen.__init__
 
+    def guarded_init(self: subprocess.Popen, args, *rest, **kwargs) -> None:  # noqa: ANN001
+        program = str(args[0] if isinstance(args, list | tuple) else args).split()[0]
+        if Path(program).parent == BIN:
+            raise AssertionError(f"{request.node.nodeid} starts {program}: mark it @pytest.mark.processes")
+        popen_init(self, args, *rest, **kwargs)
 
-def run_probe(name: str, args: list[str], nproc: int) -> subprocess.CompletedProcess[str]:
-    """A script from tests/probes/ under torchrun: for checks that need to look inside the ranks."""
-    cmd = [*_torchrun(nproc), str(REPO / "tests/probes" / name), *args]
-    return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
-
-
-def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Bad input: non-zero exit, exactly one 'error:' line naming the problem, no traceback."""
-    assert result.returncode != 0, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, result.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def write_random_model(folder: Path, seed: int) -> Path:
-    """`folder` with model.pt of a net with random weights and the same weights in a file shaped
-    like a training checkpoint (for commands that accept either)."""
-    from job.model import Net
-
-    torch.manual_seed(seed)
-    state = Net().state_dict()
-    torch.save(state, folder / "model.pt")
-    torch.save({"model": state, "optimizer": {}, "epochs_done": 1}, folder / "step-000000938.pt")
-    return folder
-
-
-def load_state(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)

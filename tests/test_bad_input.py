@@ -11,11 +11,22 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides
-from test_resume import assert_same_weights, checkpoint, snapshot
+from helpers import (
+    REPO,
+    assert_ok,
+    assert_one_line_error,
+    assert_same_weights,
+    checkpoint,
+    clean_env,
+    run_job,
+    snapshot,
+    tiny_overrides,
+)
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from job.safe_io import load_weights_only
+
+pytestmark = pytest.mark.processes
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO, clean_env, make_tiny_mnist, tiny_overrides
+import pytest
+from helpers import REPO, clean_env, make_tiny_mnist, tiny_overrides
+
+pytestmark = pytest.mark.processes
 
 
 def test_chaos_kills_a_job_and_a_worker_and_finds_the_same_bits(tmp_path):
@@ -13,7 +16,7 @@ def test_chaos_kills_a_job_and_a_worker_and_finds_the_same_bits(tmp_path):
     overrides = tiny_overrides(root, tmp_path / "unused", "checkpoint.every_steps=10")
     overrides = [o for o in overrides if not o.startswith("run.dir=")]  # chaos.py places both runs itself
     # Schedule seed 9 draws a whole-job kill, then a worker kill.
-    cmd = [sys.executable, "tests/chaos.py", "--kills", "2", "--seed", "9", "--work", str(tmp_path / "chaos")]
+    cmd = [sys.executable, "tests/tools/chaos.py", "--kills", "2", "--seed", "9", "--work", str(tmp_path / "chaos")]
     cmd += overrides
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_one_line_error, run_job
+from helpers import REPO, assert_one_line_error, run_job
 
 from job.config import DEFAULT_CONFIG, Config, config_to_dict, dump_config, load_config
 from job.errors import ConfigError
@@ -139,6 +139,7 @@ def test_empty_config_file_means_defaults(tmp_path):
     assert load_config(path) == Config()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -157,12 +158,14 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == [], "bad input must not create files"
 
 
+@pytest.mark.processes
 def test_cli_yaml_syntax_error_is_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: {epochs: 3\n")
     result = run_job(["train", "--config", "bad.yaml"], cwd=tmp_path)
     assert_one_line_error(result, "YAML syntax error at line")
 
 
+@pytest.mark.processes
 def test_cli_config_prints_the_resolved_config(tmp_path):
     result = run_job(["config", "optim.lr=0.05"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -194,6 +197,7 @@ def test_global_batch_splits_evenly_or_is_refused():
         rank_batch_size(2, 4)
 
 
+@pytest.mark.processes
 def test_cli_config_checks_the_batch_split_for_a_world_size(tmp_path):
     assert_one_line_error(run_job(["config", "--world-size", "3"], cwd=tmp_path), "does not split evenly")
     assert run_job(["config", "--world-size", "4"], cwd=tmp_path).returncode == 0

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_TEST, TINY_TRAIN, make_tiny_mnist, synthetic_digits, write_idx
+from helpers import TINY_TEST, TINY_TRAIN, make_tiny_mnist, synthetic_digits, write_idx
 
 from job import data
 from job.errors import DataError

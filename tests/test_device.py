@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_job, tiny_overrides
+from helpers import assert_one_line_error, run_job, tiny_overrides
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from job import device as device_module
@@ -101,6 +101,7 @@ def test_the_cause_names_a_cpu_build_hidden_gpus_an_old_driver_or_a_missing_driv
     assert "/usr/local/nvidia/lib64" in cuda_unavailable_reason({})
 
 
+@pytest.mark.processes
 def test_dist_device_cuda_without_cuda_is_one_line_and_exit_2(tiny_root, tmp_path):
     """This machine has a CUDA build of torch and no GPU: the real path, not a patched one."""
     run_dir = tmp_path / "run"

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY_TEST,
     TINY_TRAIN,
     assert_ok,
@@ -36,6 +36,7 @@ def w2_run(tiny_root, tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.processes
 def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     run_dir, _ = w2_run
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
@@ -65,6 +66,7 @@ def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     assert resolved["run"]["dir"] == str(run_dir) and resolved["seed"] == 1
 
 
+@pytest.mark.processes
 def test_metrics_and_tensorboard_hold_every_figure(w2_run):
     run_dir, _ = w2_run
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,6 +91,7 @@ def test_metrics_and_tensorboard_hold_every_figure(w2_run):
     assert image.width > 3 * 28 and image.height > 2 * 28
 
 
+@pytest.mark.processes
 def test_log_lines_are_the_tutorials_and_rank_tagged(w2_run):
     _, result = w2_run
     lines = result.stdout.splitlines()
@@ -98,6 +101,7 @@ def test_log_lines_are_the_tutorials_and_rank_tagged(w2_run):
     assert not any(line.startswith("[rank 1]") for line in lines), "only rank 0 logs progress"
 
 
+@pytest.mark.processes
 def test_two_runs_give_bit_identical_weights(w2_run, tiny_root, tmp_path):
     """Same config, same world size, dropout on: the same bits, tensor for tensor."""
     first_dir, _ = w2_run
@@ -108,6 +112,7 @@ def test_two_runs_give_bit_identical_weights(w2_run, tiny_root, tmp_path):
         assert torch.equal(first[key], second[key]), key
 
 
+@pytest.mark.processes
 def test_ranks_start_identical_and_draw_distinct_dropout(tmp_path):
     out = tmp_path / "probe.json"
     result = run_probe("rank_streams.py", [str(out)], nproc=2)
@@ -120,6 +125,7 @@ def test_ranks_start_identical_and_draw_distinct_dropout(tmp_path):
     assert rank0["mask"] != rank1["mask"], "dropout streams must differ per rank"
 
 
+@pytest.mark.processes
 def test_data_is_fetched_once_per_host_while_the_other_ranks_wait(tmp_path):
     root = tmp_path / "data"
     root.mkdir()
@@ -153,6 +159,7 @@ def test_the_trainer_reshuffles_every_epoch(tiny_root, tmp_path, monkeypatch):
     assert orders[0] != orders[1] != orders[2] != orders[0]
 
 
+@pytest.mark.processes
 def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
     """Global batch semantics: with dropout off, 2 ranks x 32 and 1 rank x 64 take the same
     steps on the same samples; only the order of float sums differs."""
@@ -169,6 +176,7 @@ def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
         torch.testing.assert_close(states[2][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+@pytest.mark.processes
 def test_evaluation_at_three_ranks_equals_one_rank_exactly(w2_run, tiny_root, tmp_path):
     """203 test samples over 3 ranks: padded shards would count 204 and change the accuracy."""
     run_dir, _ = w2_run
@@ -190,6 +198,7 @@ def test_evaluation_at_three_ranks_equals_one_rank_exactly(w2_run, tiny_root, tm
     assert not (tmp_path / "unused").exists(), "evaluate writes no run directory"
 
 
+@pytest.mark.processes
 def test_accelerate_launch_two_processes(tiny_root, tmp_path):
     run_dir = tmp_path / "acc"
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")], nproc=2, launcher="accelerate")
@@ -198,6 +207,7 @@ def test_accelerate_launch_two_processes(tiny_root, tmp_path):
     assert summary["world_size"] == 2 and summary["launcher"] == "accelerate"
 
 
+@pytest.mark.processes
 def test_a_peer_that_fails_stops_every_rank(tiny_root, tmp_path):
     """Rank 0 cannot create the run directory: rank 1 must not wait for it forever."""
     blocker = tmp_path / "file"
@@ -209,6 +219,7 @@ def test_a_peer_that_fails_stops_every_rank(tiny_root, tmp_path):
                       "set run.dir to a writable path"], result.stderr  # fmt: skip
 
 
+@pytest.mark.processes
 def test_missing_data_fails_before_any_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_job(["train", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"run.dir={run_dir}"])
@@ -216,6 +227,7 @@ def test_missing_data_fails_before_any_run_directory(tmp_path):
     assert not run_dir.exists()
 
 
+@pytest.mark.processes
 def test_a_non_empty_run_directory_is_left_alone(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -226,6 +238,7 @@ def test_a_non_empty_run_directory_is_left_alone(tiny_root, tmp_path):
     assert (run_dir / "model.pt").read_bytes() == b"precious"
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
@@ -243,17 +256,20 @@ def test_inconsistent_launcher_env_is_one_line(tiny_root, tmp_path, env, needle)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_a_one_process_launcher_env_needs_no_master_address(tiny_root, tmp_path):
     env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     assert_ok(run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "train.epochs=1")], env=env))
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for hosts without a GPU")
 def test_nccl_without_gpu_is_one_line(tiny_root, tmp_path):
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "dist.backend=nccl")])
     assert_one_line_error(result, "dist.backend=nccl needs CUDA GPUs")
 
 
+@pytest.mark.processes
 def test_batch_that_does_not_split_is_one_line_per_job(tiny_root, tmp_path):
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run")], nproc=3)
     errors = [line for line in result.stderr.splitlines() if " error: " in line]
@@ -264,6 +280,7 @@ def test_batch_that_does_not_split_is_one_line_per_job(tiny_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_uneven_training_shards_are_announced_once(w2_run, tiny_root, tmp_path):
     overrides = tiny_overrides(tiny_root, tmp_path / "run", "data.train_limit=301", "train.epochs=1")
     result = run_job(["train", *overrides], nproc=2)
@@ -286,6 +303,7 @@ def test_threads_default_to_cores_per_local_process():
     assert cpu_threads_per_process(env, environ={"OMP_NUM_THREADS": "3"}) is None
 
 
+@pytest.mark.processes
 def test_evaluate_reads_training_checkpoints_too(w2_run, tiny_root, tmp_path):
     run_dir, _ = w2_run
     overrides = tiny_overrides(tiny_root, tmp_path / "unused")
@@ -294,6 +312,7 @@ def test_evaluate_reads_training_checkpoints_too(w2_run, tiny_root, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1])["correct"] == read_summary(run_dir)["correct"]
 
 
+@pytest.mark.processes
 def test_evaluate_refuses_bad_checkpoints_in_one_line(tiny_root, tmp_path):
     overrides = tiny_overrides(tiny_root, tmp_path / "unused")
     missing = run_job(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), *overrides])
@@ -307,6 +326,7 @@ def test_evaluate_refuses_bad_checkpoints_in_one_line(tiny_root, tmp_path):
     assert_one_line_error(result, "does not fit the model: size mismatch for fc2.weight")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_gloo_gradient_mean_is_exact_and_in_rank_order(nproc):
     """The gloo comm hook (all-gather + sum in rank order) gives the exact mean; at 2 ranks the

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, assert_one_line_error, run_job, write_random_model
+from helpers import assert_ok, assert_one_line_error, run_job, write_random_model
 
 from job.model import Net
+
+pytestmark = pytest.mark.processes
 
 
 @pytest.fixture(scope="module")

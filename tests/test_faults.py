@@ -17,9 +17,19 @@ from pathlib import Path
 
 import psutil
 import pytest
-from chaos import kill_tree
-from conftest import BIN, REPO, assert_ok, clean_env, make_tiny_mnist, run_job, tiny_overrides
-from test_resume import assert_same_weights, checkpoint
+from helpers import (
+    BIN,
+    REPO,
+    assert_ok,
+    assert_same_weights,
+    checkpoint,
+    checkpoint_steps,
+    clean_env,
+    kill_tree,
+    make_tiny_mnist,
+    run_job,
+    tiny_overrides,
+)
 
 from job.errors import EXIT_FAILED, EXIT_PREEMPTED
 
@@ -61,8 +71,7 @@ def wait_for_checkpoint(run_dir: Path, step: int, procs: list[subprocess.Popen],
     """Until a checkpoint at `step` or later exists (the job still running)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        steps = [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
-        if steps and max(steps) >= step:
+        if max(checkpoint_steps(run_dir), default=0) >= step:
             return
         if any(p.poll() is not None for p in procs):
             pytest.fail(f"the job ended before step {step}:\n{log.read_text()}")
@@ -76,6 +85,7 @@ def resumed_step(output: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.processes
 def test_a_killed_job_started_again_ends_with_the_uninterrupted_bits(medium_root, reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     job = start([*torchrun(2), *train_args(medium_root, run_dir)], log)
@@ -89,6 +99,7 @@ def test_a_killed_job_started_again_ends_with_the_uninterrupted_bits(medium_root
     assert_same_weights(run_dir, reference[2])
 
 
+@pytest.mark.processes
 def test_torchrun_restarts_a_killed_worker_and_the_run_keeps_its_bits(medium_root, reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
@@ -104,6 +115,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_keeps_its_bits(medium_roo
     assert_same_weights(run_dir, reference[2])
 
 
+@pytest.mark.processes
 def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(medium_root, reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     job = start([*torchrun(2), *train_args(medium_root, run_dir)], log)
@@ -127,6 +139,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(medium_r
     assert_same_weights(run_dir, reference[2])
 
 
+@pytest.mark.processes
 def test_sigterm_exit_code_tells_preemption_apart(medium_root, reference, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir)], log)
@@ -141,6 +154,7 @@ def test_sigterm_exit_code_tells_preemption_apart(medium_root, reference, tmp_pa
     assert_same_weights(run_dir, reference[None])
 
 
+@pytest.mark.processes
 def test_sigterm_before_training_stops_at_once(tmp_path):
     """Waiting in the rendezvous for a rank that never comes (C++ code, where a Python handler
     would never run): nothing to save, so SIGTERM keeps its default action and ends it now."""
@@ -175,6 +189,7 @@ def launch_by_hand(root: Path, run_dir: Path, tmp_path: Path, timeout_s: int) ->
     return ranks
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("fault", "timeout_s", "message"),
     [
@@ -227,6 +242,7 @@ def test_other_runtime_errors_keep_their_traceback():
     assert peer_lost_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), timeout_s=5) is None
 
 
+@pytest.mark.processes
 def test_a_run_time_failure_on_one_rank_is_a_run_time_failure_on_every_rank(tiny_root, tmp_path):
     """Rank 0's disk fills while rank 1 waits for the checkpoint: both exit 1 (a restart may
     help), never 2 (bad input), which a Job's podFailurePolicy turns into failing the Job."""

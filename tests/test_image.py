@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_ok, load_state, read_summary, run_job
+from helpers import REPO, assert_ok, load_state, read_summary, run_job
 
-pytestmark = pytest.mark.image
+pytestmark = [pytest.mark.image, pytest.mark.processes]
 
 TOOLS = ("buildah", "podman", "runc", "debootstrap")
 IMAGE = "localhost/mnist-ddp:image-test"

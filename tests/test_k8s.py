@@ -2,7 +2,8 @@
 checkov, and agree with each other, with the job's config and with its exit codes.
 
 The tools come from .venv-k8s (k8s/requirements.txt: kubectl with kustomize, the schema
-validator, the Kubeflow models) and .venv-lint (checkov), which `make test` creates.
+validator, the Kubeflow models) and .venv-lint (checkov), which conftest's k8s_venv and
+lint_venv fixtures build with make when a test here is selected.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import K8S_BIN, LINT_BIN, REPO, tool
 
 from job.config import load_config, rank_batch_size
 from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
-K8S_BIN = REPO / ".venv-k8s" / "bin"
-LINT_BIN = REPO / ".venv-lint" / "bin"
+pytestmark = pytest.mark.usefixtures("k8s_venv")
+
 # The oldest Kubernetes whose defaults run the Job: backoffLimitPerIndex, FailIndex and
 # podReplacementPolicy are beta and on from 1.29 (podFailurePolicy from 1.26). The newest
 # is the newest schema kubernetes-validate ships.
@@ -41,16 +42,6 @@ KUBEFLOW_KINDS = {"PyTorchJob", "TrainJob"}
 APP_DIR = Path("/app")  # docker/Dockerfile's WORKDIR: relative config paths start here
 IMAGE_UID = 10001  # docker/Dockerfile's USER
 CONFIG_DIR = "/etc/mnist-ddp/config"  # where the pods mount the ConfigMap of job/configs
-
-
-def tool(venv_bin: Path, name: str) -> str:
-    path = venv_bin / name
-    if not path.exists():
-        pytest.fail(
-            f"{path} is missing: `make test` installs it (or `make {venv_bin.parent.name}/.installed`)",
-            pytrace=False,
-        )
-    return str(path)
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -207,6 +198,7 @@ def test_the_round_trip_catches_a_misspelled_kubeflow_field(path, kind, typo):
     assert round_trip(doc) != doc
 
 
+@pytest.mark.usefixtures("lint_venv")
 def test_checkov_finds_no_failed_check(tmp_path):
     # What gets applied: the overlays and TensorBoard (k8s/base has no image tag by design).
     for path in [p for p in KUSTOMIZATIONS if p.startswith(("k8s/overlays/", "k8s/tensorboard"))]:

@@ -3,7 +3,7 @@
 The manifests are k8s/overlays/cpu (2 pods x 1 process, gloo) under an overlay of the kind a
 user writes to train on their own data: the configMapGenerator adds tiny.yaml (generated
 data: no checksums, a small run) and JOB_CONFIG names it. Nothing else of the rendered Job
-changes: tests/k8s_local.py runs its exact command, args and env in one "pod" per
+changes: tests/k8s_local/ runs its exact command, args and env in one "pod" per
 completion index (own network, mount, UTS and PID namespaces; pod IP, hostname, DNS names,
 volumes, user). A shared directory stands in for the PersistentVolumeClaim. (The probe and
 exit-code tests replace the container's args, as an overlay patch could, to look at what the
@@ -24,24 +24,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_tiny_mnist
-from k8s_local import (
-    BACKOFF_BASE_S,
-    PREFIX,
-    Host,
-    JobFailed,
-    LocalJob,
-    Manifests,
-    Network,
-    delete_netns,
-    ip,
-    netns_names,
-    remove_leftovers,
-)
-from test_k8s import K8S_BIN, tool
-from test_resume import assert_same_weights
+from helpers import K8S_BIN, REPO, assert_same_weights, checkpoint_steps, make_tiny_mnist, tool
+from k8s_local.controller import BACKOFF_BASE_S, JobFailed, LocalJob
+from k8s_local.image import Host
+from k8s_local.manifests import Manifests
+from k8s_local.network import PREFIX, Network, delete_netns, ip, netns_names, remove_leftovers
 
-pytestmark = pytest.mark.k8s_local
+pytestmark = [pytest.mark.k8s_local, pytest.mark.processes]
 
 OVERLAY = REPO / "k8s" / "overlays" / "cpu"
 RUN_DIR = "/app/runs/k8s-local"  # in the pod: on the runs PVC
@@ -103,7 +92,7 @@ def require_root_and_tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def manifests(tmp_path_factory) -> Manifests:
+def manifests(tmp_path_factory, k8s_venv) -> Manifests:
     require_root_and_tools()
     overlay = tmp_path_factory.mktemp("overlay")
     (overlay / "tiny.yaml").write_text(TINY_CONFIG)
@@ -153,10 +142,6 @@ def run_to_completion(manifests: Manifests, host: Host, work: Path) -> LocalJob:
         job.wait(timeout=240)
     leftovers.assert_none()
     return job
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    return [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
 
 
 @pytest.fixture(scope="module")

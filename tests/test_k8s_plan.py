@@ -1,4 +1,5 @@
-"""The pure parts of tests/k8s_local.py: the kubelet's rules and the pod plan (no root, no kubectl).
+"""The pure parts of tests/k8s_local/: the kubelet's rules, the pod plan and the Job's failure
+policy (no root, no kubectl).
 
 `make k8s-local-test` runs the real rendered Job with them; these pin each rule on its own.
 """
@@ -9,25 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from k8s_local import (
-    Dir,
-    Host,
-    HostDirs,
-    ImageConfig,
-    ManifestError,
-    Manifests,
-    Mount,
-    PodFacts,
-    container_argv,
-    expand,
-    failure_action,
-    hosts_file,
-    image_steps,
-    plan_pod,
-    quantity,
-    resolve_env,
-)
+from helpers import REPO
+from k8s_local.controller import failure_action
+from k8s_local.image import Host, ImageConfig
+from k8s_local.kubelet import container_argv, expand, hosts_file, quantity, resolve_env
+from k8s_local.manifests import ManifestError, Manifests, PodFacts
+from k8s_local.plan import Dir, HostDirs, Mount, image_steps, plan_pod
 
 FIXTURE = REPO / "tests" / "fixtures" / "k8s-job.yaml"
 IMAGE = ImageConfig.from_dockerfile(REPO / "docker" / "Dockerfile")

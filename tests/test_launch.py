@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, clean_env
+from helpers import REPO, clean_env
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 from job.launch import exit_code
@@ -57,28 +57,40 @@ def rounds(tmp_path: Path) -> int:
     return len(set((tmp_path / "starts").read_text().split()))
 
 
+@pytest.mark.processes
 def test_torchrun_itself_exits_1_when_its_workers_exit_75(tmp_path):
     """Why the launcher exists: torchrun hides its workers' codes."""
     assert launch(tmp_path, str(EXIT_PREEMPTED), launcher=False).wait(timeout=120) == EXIT_FAILED
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
 def test_the_launcher_exits_with_the_workers_code(tmp_path, code):
     assert launch(tmp_path, str(code)).wait(timeout=120) == code
 
 
-@pytest.mark.parametrize("code", [EXIT_PREEMPTED, EXIT_BAD_INPUT])
-def test_the_launcher_never_restarts_after_bad_input_or_a_stop(tmp_path, code):
+@pytest.mark.processes
+def test_the_launcher_never_restarts_after_bad_input(tmp_path):
     """Plain torchrun --max-restarts 3 would start the group 4 times for a config error."""
-    assert launch(tmp_path, str(code), max_restarts=3).wait(timeout=120) == code
+    assert launch(tmp_path, str(EXIT_BAD_INPUT), max_restarts=3).wait(timeout=120) == EXIT_BAD_INPUT
     assert rounds(tmp_path) == 1
 
 
+@pytest.mark.processes
+def test_workers_stopped_by_a_peers_preemption_are_restarted_to_rejoin(tmp_path):
+    """75 without a SIGTERM to this launcher: another host was preempted, and its replacement
+    joins the restarted group (the Kubernetes pod-preemption case)."""
+    assert launch(tmp_path, str(EXIT_PREEMPTED), max_restarts=1).wait(timeout=120) == EXIT_PREEMPTED
+    assert rounds(tmp_path) == 2
+
+
+@pytest.mark.processes
 def test_the_launcher_still_restarts_after_a_run_time_failure(tmp_path):
     assert launch(tmp_path, str(EXIT_FAILED), max_restarts=2).wait(timeout=120) == EXIT_FAILED
     assert rounds(tmp_path) == 3  # the first start and two restarts
 
 
+@pytest.mark.processes
 def test_a_worker_aborted_by_the_nccl_watchdog_is_a_run_time_failure_that_is_retried(tmp_path):
     """TORCH_NCCL_ASYNC_ERROR_HANDLING's default aborts the process (SIGABRT) on a collective
     timeout, so the job's own one-line lost-peer error never prints: the launcher still reads it
@@ -87,6 +99,7 @@ def test_a_worker_aborted_by_the_nccl_watchdog_is_a_run_time_failure_that_is_ret
     assert rounds(tmp_path) == 2
 
 
+@pytest.mark.processes
 def test_the_launcher_exits_75_when_sigterm_stops_torchrun(tmp_path):
     ready = tmp_path / "ready"
     process = launch(tmp_path, "-15", str(ready))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok, assert_one_line_error, run_job, tiny_overrides
+from helpers import assert_ok, assert_one_line_error, run_job, tiny_overrides
 from PIL import Image
 
 from job.plot import confusion_matrix
@@ -31,6 +31,7 @@ def assert_figures(plots: Path) -> None:
         assert (plots / name).stat().st_size < 200_000, f"{name} should stay small"
 
 
+@pytest.mark.processes
 def test_plot_writes_the_three_figures_of_a_run(tiny_run):
     result = run_job(["plot", str(tiny_run)])
     assert_ok(result)
@@ -38,6 +39,7 @@ def test_plot_writes_the_three_figures_of_a_run(tiny_run):
     assert_figures(tiny_run / "plots")
 
 
+@pytest.mark.processes
 def test_plot_reads_a_run_that_crashed_mid_line_and_has_only_checkpoints(tiny_run, tmp_path):
     run_dir = tmp_path / "crashed"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("plots", "model.pt"))
@@ -49,6 +51,7 @@ def test_plot_reads_a_run_that_crashed_mid_line_and_has_only_checkpoints(tiny_ru
     assert_figures(run_dir / "plots")
 
 
+@pytest.mark.processes
 def test_plot_refuses_bad_run_directories_in_one_line(tiny_run, tmp_path):
     assert_one_line_error(run_job(["plot", str(tmp_path / "nope")]), "run directory", "does not exist")
 

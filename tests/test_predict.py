@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_ok, assert_one_line_error, run_job, write_random_model
+from helpers import assert_ok, assert_one_line_error, run_job, write_random_model
 from PIL import Image, ImageDraw
 
 from job.predict import ImageFileError, mnist_like, read_grey
@@ -94,6 +94,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.processes
 def test_predict_prints_digit_and_probability_per_file(untrained, images):
     result = run_job(["predict", "--checkpoint", str(untrained / "model.pt"), str(images["png"]), str(images["jpeg"])])
     assert_ok(result)
@@ -103,6 +104,7 @@ def test_predict_prints_digit_and_probability_per_file(untrained, images):
         assert line.split(": ")[1].split(" (probability ")[0] in "0123456789"
 
 
+@pytest.mark.processes
 def test_predict_json_and_training_checkpoints(untrained, images):
     outputs = []
     for checkpoint in ("model.pt", "step-000000938.pt"):
@@ -119,6 +121,7 @@ def test_predict_json_and_training_checkpoints(untrained, images):
     assert record["probability"] == max(record["probabilities"])
 
 
+@pytest.mark.processes
 def test_bad_files_get_one_line_each_and_the_others_are_still_read(untrained, images, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is text\n")
@@ -146,6 +149,7 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_read(untrained, im
         assert line.startswith(f"error: {path}") and needle in line, line
 
 
+@pytest.mark.processes
 def test_predict_refuses_missing_and_corrupt_checkpoints(images, tmp_path):
     missing = run_job(["predict", "--checkpoint", str(tmp_path / "nope.pt"), str(images["png"])])
     assert_one_line_error(missing, "nope.pt does not exist")

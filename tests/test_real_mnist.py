@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO, assert_ok, assert_one_line_error, read_summary, run_job
+from helpers import REPO, assert_ok, assert_one_line_error, read_summary, run_job
 from PIL import Image
 
 from job.data import SHA256, missing_files, raw_dir, read_idx, verify_checksums
+
+pytestmark = pytest.mark.processes
 
 SEED_ACCURACY = 0.965  # the tutorial reaches 0.9665-0.972 after 3 epochs
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides, write_idx
+from helpers import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides, write_idx
 from PIL import Image
 
 from job import data
@@ -43,6 +43,7 @@ def own_data(root: Path, train: int = 640, test: int = 100, size: int = 28) -> P
     return root
 
 
+@pytest.mark.processes
 def test_a_label_out_of_range_is_one_line_naming_file_index_and_value_with_no_run_dir(tmp_path):
     root = own_data(tmp_path / "data")
     labels = data.read_idx(data.raw_dir(root) / "train-labels-idx1-ubyte", ndim=1).clone()
@@ -119,6 +120,7 @@ def digit_png(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("payload", ["numpy-scalar", "namespace", "runs-code", "truncated", "random"])
 def test_a_foreign_checkpoint_is_classified_by_its_contents_in_every_command(foreign, payload, tmp_path):
     path, needle = foreign[payload]
@@ -140,6 +142,7 @@ def test_a_foreign_checkpoint_is_classified_by_its_contents_in_every_command(for
     assert not (tmp_path / "m.st").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "_orig_mod.module."])
 def test_weights_saved_through_ddp_or_torch_compile_are_read_as_the_same_weights(prefix, tmp_path):
     weights = Net().state_dict()
@@ -155,6 +158,7 @@ def test_weights_saved_through_ddp_or_torch_compile_are_read_as_the_same_weights
 # --- 3. paths written with ~ ------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_tilde_paths_are_the_home_directory_everywhere(tiny_root, tmp_path):
     home = tmp_path / "home"
     (home / "mnist-data").mkdir(parents=True)
@@ -212,6 +216,7 @@ def finish(ranks: list[subprocess.Popen[str]], within_s: float) -> list[tuple[in
     return results
 
 
+@pytest.mark.processes
 def test_a_rendezvous_port_held_by_another_program_fails_every_rank_with_one_line(tmp_path):
     with socket.socket() as foreign_listener:  # accepts connections, never answers
         foreign_listener.bind(("127.0.0.1", 0))
@@ -226,6 +231,7 @@ def test_a_rendezvous_port_held_by_another_program_fails_every_rank_with_one_lin
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_an_address_that_does_not_resolve_is_the_last_and_only_line(tmp_path):
     results = finish(start_ranks_by_hand("no-such-host.invalid", 29500, 10, tmp_path), within_s=120)
     for code, err in results:

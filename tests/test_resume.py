@@ -7,7 +7,6 @@ and change the config under them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, assert_ok, assert_one_line_error, load_state, read_summary, run_job, tiny_overrides
+from helpers import (
+    TINY_TRAIN,
+    assert_ok,
+    assert_one_line_error,
+    assert_same_weights,
+    checkpoint,
+    read_summary,
+    run_job,
+    snapshot,
+    tiny_overrides,
+)
 
 from job import data
 from job.checkpoint import check_fields, recipe_digest
@@ -23,23 +32,6 @@ from job.progress import Progress
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
 STEPS = [3, 6, 8, 9, 12, 15, 16]
-
-
-def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:09d}.pt"
-
-
-def assert_same_weights(run_dir: Path, reference: Path) -> None:
-    ours, theirs = load_state(run_dir / "model.pt"), load_state(reference / "model.pt")
-    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` with its sha256: what 'left as it was' means."""
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(directory.rglob("*"))
-    }
 
 
 def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:
@@ -62,6 +54,7 @@ def reference(tiny_root, tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.processes
 def test_checkpoints_hold_everything_a_resume_needs(reference):
     assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [f"step-{s:09d}.pt" for s in STEPS]
     state = torch.load(checkpoint(reference, 9), weights_only=True)
@@ -83,6 +76,7 @@ def test_checkpoints_hold_everything_a_resume_needs(reference):
     assert {"cpu", "python"} <= set(rng[0])
 
 
+@pytest.mark.processes
 def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tiny_root, run_dir, "checkpoint.every_steps=3", "checkpoint.keep=2", "train.epochs=1")
@@ -90,6 +84,7 @@ def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000006.pt", "step-000000008.pt"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("step", [6, 8, 15], ids=["mid-epoch-1", "epoch-end", "mid-epoch-2"])
 def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, tiny_root, tmp_path, step):
     run_dir = tmp_path / "run"
@@ -102,6 +97,7 @@ def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, ti
     assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
 
 
+@pytest.mark.processes
 def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
@@ -119,6 +115,7 @@ def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path
     assert [step for step, *_ in events(run_dir, "resume")] == [9]
 
 
+@pytest.mark.processes
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     newest = checkpoint(run_dir, 9)
@@ -136,6 +133,7 @@ class _Exploit:
         return (os.system, (f"touch {os.environ['PWNED_MARKER']}",))
 
 
+@pytest.mark.processes
 def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_root, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED_MARKER", str(marker))
@@ -149,6 +147,7 @@ def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_
     assert_same_weights(run_dir, reference)
 
 
+@pytest.mark.processes
 def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     for step in (3, 6, 8, 9):
@@ -160,6 +159,7 @@ def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.processes
 def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_path):
     start = f"train.resume={reference / 'model.pt'}"
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", start)])
@@ -169,6 +169,7 @@ def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_a_config_change_that_breaks_resume_is_refused(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -181,6 +182,7 @@ def test_a_config_change_that_breaks_resume_is_refused(reference, tiny_root, tmp
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.processes
 def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
@@ -201,6 +203,7 @@ def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root,
     assert read_summary(run_dir)["global_step"] == 24
 
 
+@pytest.mark.processes
 def test_resuming_at_another_world_size_warns_and_finishes_the_epoch(reference, tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     start = f"train.resume={checkpoint(reference, 6)}"
@@ -239,6 +242,7 @@ FORMAT_1_FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-format1-step
 2 gloo ranks on the generated data, the recipe of `reference`, after step 4 of epoch 1."""
 
 
+@pytest.mark.processes
 def test_a_checkpoint_written_before_the_progress_refactor_still_resumes(tiny_root, tmp_path):
     state = torch.load(FORMAT_1_FIXTURE, weights_only=True)
     check_fields(state, FORMAT_1_FIXTURE)
@@ -252,6 +256,7 @@ def test_a_checkpoint_written_before_the_progress_refactor_still_resumes(tiny_ro
     assert (summary["global_step"], summary["samples_trained"], summary["resumes"]) == (16, 2 * TINY_TRAIN, 1)
 
 
+@pytest.mark.processes
 def test_three_ranks_resume_mid_epoch_to_the_uninterrupted_bits(tiny_root, tmp_path):
     """At 3+ ranks a sum's rounding depends on its order: the rank-order gradient mean keeps a
     resumed process (DDP's first step, initial buckets) in step with an uninterrupted one."""

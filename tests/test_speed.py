@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides
-from test_resume import assert_same_weights
+from helpers import REPO, assert_one_line_error, assert_same_weights, clean_env, run_job, tiny_overrides
 
 from job import data
 from job.model import Net
@@ -40,6 +39,7 @@ def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return run_dir, train(tiny_root, run_dir)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
     summary = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
@@ -57,6 +57,7 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, ba
     assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
 
 
+@pytest.mark.processes
 def test_data_on_device_is_the_same_run_on_cpu(tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
     """On CPU the dataset already lives in the device's memory: the switch must change no bit."""
     off_dir, _ = baseline
@@ -72,6 +73,7 @@ def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
     assert images.shape == (64, 1, 28, 28)
 
 
+@pytest.mark.processes
 def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path: Path) -> None:
     """W=1 skips the DDP wrapper (nothing to average); a 1-process torchrun run and a plain
     process run the same code path and must agree bit for bit, run after run."""
@@ -81,6 +83,7 @@ def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path:
     assert_same_weights(tmp_path / "b", tmp_path / "a")
 
 
+@pytest.mark.processes
 def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path: Path) -> None:
     no_compilers = tmp_path / "bin"
     no_compilers.mkdir()
@@ -92,12 +95,13 @@ def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.processes
 def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: Path) -> None:
     """`make bench` end to end on generated data (one round): the four runs, the table, the
     ratios, and the hand-written text around the markers kept. Timings are not asserted."""
     out = tmp_path / "PERFORMANCE.md"
     out.write_text("# Speed\n\nanalysis above\n\n<!-- bench:cpu -->\nold table\n<!-- /bench:cpu -->\n\nnotes below\n")
-    cmd = [sys.executable, "tests/bench.py", "--rounds", "1", "--data", str(tiny_root), "--out", str(out)]
+    cmd = [sys.executable, "tests/tools/bench.py", "--rounds", "1", "--data", str(tiny_root), "--out", str(out)]
     cmd += ["data.verify=false", "data.test_batch_size=50"]
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode in (0, 1), result.stdout + result.stderr  # 1: a target missed on toy data

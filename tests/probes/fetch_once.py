@@ -6,9 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's dataset generator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # helpers' dataset generator
 
-from conftest import make_tiny_mnist  # noqa: E402
+from helpers import make_tiny_mnist  # noqa: E402
 
 from job import data  # noqa: E402
 from job.config import load_config  # noqa: E402

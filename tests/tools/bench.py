@@ -1,13 +1,13 @@
 """`make bench` / `make bench-gpu`: the job's training throughput beside the tutorial's, side by side.
 
-    python tests/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
-    python tests/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
-    python tests/bench.py --profile [--data data] [KEY=VALUE ...]
+    python tests/tools/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
+    python tests/tools/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
+    python tests/tools/bench.py --profile [--data data] [KEY=VALUE ...]
 
 CPU (`make bench`), four measurements, each in a fresh process, alternating within every
 round so that load from elsewhere on the machine lands on all of them alike:
 
-  (a) tutorial   the classic tutorial's loop (tests/tutorial_mnist.py): PIL decode, ToTensor,
+  (a) tutorial   the classic tutorial's loop (tests/tools/tutorial_mnist.py): PIL decode, ToTensor,
                  Normalize per sample, DataLoader batch 64, 1 process, torch's default threads
   (b) job W=1    `python -m job train`, the seed recipe for 1 epoch, 1 process, default threads
   (c) job W=2    the same under `torchrun --nproc-per-node 2`, 1 thread per rank
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SWITCHES = ["speed.bf16=true", "speed.channels_last=true", "speed.compile=true", "speed.data_on_device=true"]
 
@@ -76,7 +76,7 @@ def main() -> int:
 
 
 def tutorial(args: argparse.Namespace, work: Path, device: str = "cpu") -> dict:
-    cmd = [sys.executable, str(ROOT / "tests/tutorial_mnist.py"), "--data", args.data, "--device", device]
+    cmd = [sys.executable, str(ROOT / "tests/tools/tutorial_mnist.py"), "--data", args.data, "--device", device]
     return json.loads(run(cmd, work, dict(os.environ)).strip().splitlines()[-1])
 
 

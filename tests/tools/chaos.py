@@ -1,6 +1,6 @@
 """Chaos check: kill a training job at random moments, let it resume, compare the bits.
 
-    python tests/chaos.py [--kills 5] [--seed S] [--nproc 2] [--config FILE] [KEY=VALUE ...]
+    python tests/tools/chaos.py [--kills 5] [--seed S] [--nproc 2] [--config FILE] [KEY=VALUE ...]
 
 1. Trains once without interruption (the reference).
 2. Trains again under `torchrun --max-restarts`, with kills aimed at random steps spread
@@ -32,6 +32,10 @@ from pathlib import Path
 import psutil
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
+from helpers import checkpoint_steps, kill_tree  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -58,11 +62,11 @@ def main() -> int:
     print(f"reference: {time.monotonic() - started:.1f} s uninterrupted")
 
     final_step = json.loads((args.work / "reference/summary.json").read_text())["global_step"]
-    checkpoints = args.work / "chaos/checkpoints"
+    run_dir = args.work / "chaos"
     aims = sorted(rng.uniform(0, 0.9 * final_step) for _ in range(args.kills))  # 0.9: leave checkpoints to aim at
     landed, attempt, newest, job = 0, 0, 0, launch(args, "chaos-0", restarts=args.kills)
     while landed < args.kills:
-        newest = wait_for_checkpoint(job, checkpoints, after=max(newest, aims[landed] - 1), before=final_step)
+        newest = wait_for_checkpoint(job, run_dir, after=max(newest, aims[landed] - 1), before=final_step)
         delay = rng.uniform(0, args.max_delay)
         kind = rng.choice(["job", "worker"])
         if newest is None or not wait_running(job, delay):
@@ -79,7 +83,7 @@ def main() -> int:
             job.wait()
             attempt += 1
             job = launch(args, f"chaos-{attempt}", restarts=args.kills)
-        newest = max(checkpoint_steps(checkpoints))  # the next kill waits for progress beyond this
+        newest = max(checkpoint_steps(run_dir))  # the next kill waits for progress beyond this
     if job.wait() != 0:
         return fail(f"the interrupted job did not finish: see {args.work}/chaos-{attempt}.log")
 
@@ -107,15 +111,11 @@ def launch(args: argparse.Namespace, name: str, restarts: int) -> subprocess.Pop
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def checkpoint_steps(directory: Path) -> list[int]:
-    return [int(p.name[5:14]) for p in directory.glob("step-*.pt")]
-
-
-def wait_for_checkpoint(job: subprocess.Popen, directory: Path, after: int, before: int) -> int | None:
+def wait_for_checkpoint(job: subprocess.Popen, run_dir: Path, after: int, before: int) -> int | None:
     """The step of a checkpoint past `after` (and before the final one) once it exists; None if
     the job ends first."""
     while job.poll() is None:
-        fresh = [step for step in checkpoint_steps(directory) if after < step < before]
+        fresh = [step for step in checkpoint_steps(run_dir) if after < step < before]
         if fresh:
             return max(fresh)
         time.sleep(0.05)
@@ -140,16 +140,6 @@ def kill(job: subprocess.Popen, kind: str, rng: random.Random) -> bool:
         return False
     rng.choice(workers).send_signal(signal.SIGKILL)
     return True
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process under it at once, as a lost node or a killed container
-    does. (torchrun starts each worker in its own session: killing its process group is not enough.)"""
-    launcher = psutil.Process(pid)
-    processes = [launcher, *launcher.children(recursive=True)]
-    for process in processes:
-        process.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
 
 
 def fail(message: str) -> int:

@@ -1,6 +1,6 @@
 """The reference for `make bench`: the classic PyTorch MNIST tutorial's training loop, as written there.
 
-    python tests/tutorial_mnist.py --data data [--epochs 1] [--device cpu|cuda]
+    python tests/tools/tutorial_mnist.py --data data [--epochs 1] [--device cpu|cuda]
 
 torchvision's MNIST dataset decodes every digit through PIL, then ToTensor and Normalize
 run per sample; a DataLoader (batch 64, shuffled, no workers) collates them; the net,
