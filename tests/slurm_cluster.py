@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX = "mnist-ddp-slurm-"
@@ -42,6 +43,7 @@ NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 CRED_EXPIRE_S = 10
 GRACE_TIME_S = 20  # the low partition's preemption grace: SIGTERM, then this long to stop
+FINAL_GRACE_S = 5  # a job seen in a final state is not requeued after this long
 DONE_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY"})
 
 SLURM_CONF = """\
@@ -172,6 +174,7 @@ class SlurmCluster:
         self.ctld_port, *node_ports = free_ports(1 + len(NODES))
         self.node_ports = dict(zip(NODES, node_ports, strict=True))
         self.daemons: dict[str, subprocess.Popen[bytes]] = {}
+        self._ports_handed_out: set[int] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -286,6 +289,13 @@ class SlurmCluster:
         result = self.client("sbatch", "--parsable", *argv, cwd=cwd, env=env or self.env())
         return int(result.stdout.strip().split(";")[0])
 
+    def new_port(self) -> int:
+        """A free port, never the same twice: for jobs that run side by side (their rendezvous)."""
+        while (port := free_ports(1)[0]) in self._ports_handed_out | {self.ctld_port, *self.node_ports.values()}:
+            pass
+        self._ports_handed_out.add(port)
+        return port
+
     def idle_nodes(self) -> set[str]:
         result = self.client("sinfo", "-h", "-N", "-t", "idle", "-o", "%N", check=False)
         return set(result.stdout.split()) if result.returncode == 0 else set()
@@ -322,15 +332,27 @@ class SlurmCluster:
             time.sleep(interval)
 
     def wait_until_done(self, job_id: int, timeout: float, restarts: int = 0) -> dict[str, str]:
-        """The job once it has ended for good after at least `restarts` requeues."""
+        """The job once it has ended after `restarts` requeues, or ended with fewer and stayed so for
+        FINAL_GRACE_S (then no requeue is coming: the caller's check of Restarts fails at once)."""
         info: dict[str, str] = {}
+        ended_early: list[float] = []
 
         def done() -> bool:
             info.update(self.job(job_id))
-            return info["JobState"] in DONE_STATES and int(info["Restarts"]) >= restarts
+            if info["JobState"] not in DONE_STATES:
+                ended_early.clear()
+                return False
+            if int(info["Restarts"]) >= restarts:
+                return True
+            ended_early[:] = ended_early or [time.monotonic()]
+            return time.monotonic() - ended_early[0] > FINAL_GRACE_S
 
         self.wait_for(done, timeout, f"job {job_id} to end (after {restarts} requeue(s))", interval=0.5)
         return info
+
+    def wait_until_idle(self, timeout: float) -> None:
+        """Until no job is pending or running."""
+        self.wait_for(lambda: not self.client("squeue", "-h").stdout.strip(), timeout, "an empty queue", interval=0.5)
 
     def log_tails(self, lines: int = 15) -> str:
         tails = []
@@ -339,16 +361,23 @@ class SlurmCluster:
             tails.append(f"--- {log.name}\n" + "\n".join(text))
         return "\n".join(tails)
 
-    def step_processes(self, job_id: int, cmdline: str) -> list[int]:
-        """Processes of job `job_id` (its environment says so) whose command line contains `cmdline`."""
-        needle = f"SLURM_JOB_ID={job_id}".encode()
+    def job_processes(self, job_id: int) -> list[Process]:
+        """The processes of job `job_id` (their environment says so): batch shell, srun, tasks and their children."""
         found = []
         for pid in processes_of(self.conf):
             try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            except OSError:  # gone
                 continue
-            if needle in environ and cmdline in argv:
-                found.append(pid)
+            env = dict(item.split("=", 1) for item in environ if "=" in item)
+            if env.get("SLURM_JOB_ID") == str(job_id):
+                found.append(Process(pid, argv, env))
         return found
+
+
+@dataclass
+class Process:
+    pid: int
+    argv: list[str]
+    env: dict[str, str]
