@@ -211,7 +211,7 @@ class SlurmCluster:
         problems = []
         if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:
             with contextlib.suppress(ClusterError, subprocess.TimeoutExpired):
-                self.client("scancel", "--full", "--state=PENDING,RUNNING,SUSPENDED", "--user=root", timeout=10)
+                self.client("scancel", "--me", timeout=10)
                 # jobs end within KillWait (10 s) after their SIGTERM
                 self.wait_for(lambda: not self.client("squeue", "-h", check=False).stdout.strip(), 20, "no jobs")
         for name, daemon in reversed(self.daemons.items()):  # nodes, then slurmctld, then munged

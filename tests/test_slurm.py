@@ -43,6 +43,7 @@ from slurm_cluster import (
     missing_commands,
     port_in_use,
     processes_of,
+    remove_leftovers,
 )
 
 pytestmark = pytest.mark.slurm
@@ -341,3 +342,29 @@ def test_a_failing_test_leaves_no_daemon_job_port_or_state_behind(tmp_path):
     assert not any(alive(pid) for pid in pids) and not processes_of(cluster.conf)
     assert not cluster.root.exists()
     assert not any(port_in_use(port) for port in (cluster.ctld_port, *cluster.node_ports.values()))
+
+
+STARTER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from slurm_cluster import SlurmCluster
+cluster = SlurmCluster()
+cluster.start()
+print(cluster.root, flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_leftovers_of_a_killed_test_process_are_removed_by_the_next_start():
+    """A test process killed outright (a CI timeout) cannot stop its cluster: the next one does."""
+    require_root_and_slurm()
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(REPO / "tests")], stdout=subprocess.PIPE, text=True)
+    try:
+        root = Path(starter.stdout.readline().strip())
+        daemons = processes_of(root / "slurm.conf")
+    finally:
+        starter.kill()
+        starter.wait()
+    assert len(daemons) >= 5 and all(alive(pid) for pid in daemons) and root.exists()  # orphans now
+    assert root in remove_leftovers()
+    assert not any(alive(pid) for pid in daemons) and not root.exists()
