@@ -13,7 +13,7 @@ input: exit 2, never requeued, its one line in the job's output.
 A job takes one core of each node, so two run side by side. To stay within minutes on a
 2-core machine the jobs go in three waves: (a) with both (e) jobs and the local reference
 run; (b) alone, since its high-partition job takes a whole node; (c) with (d), each
-interrupted from a background thread when its own checkpoint of step 20 appears.
+interrupted from a background thread when its own run reaches the step to interrupt at.
 
 Needs root and the Debian packages slurmctld, slurmd, slurm-client and munge (the target
 installs them when missing).
@@ -142,7 +142,7 @@ class Job:
         path = self.work / f"slurm-{self.id}.out"
         return path.read_text() if path.exists() else ""
 
-    def interrupt(self, action: Callable[[Job], None], at_step: int = 2 * CHECKPOINT_EVERY) -> None:
+    def interrupt(self, action: Callable[[Job], None], at_step: int) -> None:
         """In the background: `action(self)` once a checkpoint at `at_step` or later exists (the run is
         mid-way, with something to resume); wait_until_done raises what it raised."""
 
@@ -183,6 +183,14 @@ class Job:
 
     def summary(self) -> dict:
         return json.loads((self.run_dir / "summary.json").read_text())
+
+
+# When to interrupt a run. SIGTERM is acted on at the ranks' next stop vote (every 10 steps), so a
+# signal sent once the step-10 checkpoint exists stops the run at step 20 at the earliest: the
+# resume is at step >= 20, with 80 steps left for Slurm to deliver the signal. A SIGKILL acts at
+# once and the run resumes from the newest checkpoint: it waits for step 20's.
+SIGTERM_AFTER_STEP = CHECKPOINT_EVERY
+SIGKILL_AFTER_STEP = 2 * CHECKPOINT_EVERY
 
 
 def assert_same_bits(run_dir: Path, reference: Path) -> None:
@@ -252,7 +260,7 @@ def test_e_bad_input_exits_2_is_not_requeued_and_says_why_in_one_line(cluster, f
 def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, config, reference, tmp_path):
     cluster.wait_until_idle(JOB_TIMEOUT_S)  # the high job must find only this one to preempt
     job = Job(cluster, config, tmp_path)
-    job.wait_for_checkpoint(2 * CHECKPOINT_EVERY)
+    job.wait_for_checkpoint(SIGTERM_AFTER_STEP)
     # A whole node in the high partition: only the low job's cores can make room.
     high = cluster.sbatch(["--partition=high", "--nodes=1", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
                           cwd=tmp_path)  # fmt: skip
@@ -289,8 +297,8 @@ def third_wave(cluster, config, tmp_path_factory) -> dict[str, Job]:
         "c": Job(cluster, config, tmp_path_factory.mktemp("c")),
         "d": Job(cluster, config, tmp_path_factory.mktemp("d")),
     }
-    jobs["c"].interrupt(send_time_limit_signal)
-    jobs["d"].interrupt(kill_worker_of_rank_1)
+    jobs["c"].interrupt(send_time_limit_signal, at_step=SIGTERM_AFTER_STEP)
+    jobs["d"].interrupt(kill_worker_of_rank_1, at_step=SIGKILL_AFTER_STEP)
     yield jobs
     cluster.reconfigure("RequeueExit", "75")
 
