@@ -214,28 +214,28 @@ class SlurmCluster:
                 self.client("scancel", "--me", timeout=10)
                 # jobs end within KillWait (10 s) after their SIGTERM
                 self.wait_for(lambda: not self.client("squeue", "-h", check=False).stdout.strip(), 20, "no jobs")
-        for name, daemon in reversed(self.daemons.items()):  # nodes, then slurmctld, then munged
+        for daemon in reversed(self.daemons.values()):  # nodes, then slurmctld, then munged
             if daemon.poll() is None:
                 daemon.terminate()
             try:
                 daemon.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:  # seen once from a slurmd: killed like any leftover below
                 daemon.kill()
                 daemon.wait(timeout=5)
-                problems.append(f"{name} ignored SIGTERM for 15 s and was killed")
         left = processes_of(self.conf)
         kill_all(left)
         still = wait_gone(left, timeout=10)
         if still:
             problems.append(f"processes of this cluster still alive after SIGKILL: {still}")
         busy = [port for port in (self.ctld_port, *self.node_ports.values()) if port_in_use(port)]
+        logs = self.log_tails() if still or busy else ""
         shutil.rmtree(self.root, ignore_errors=True)
         if busy:
             problems.append(f"ports still in use: {busy}")
         if self.root.exists():
             problems.append(f"{self.root} could not be removed")
         if problems:
-            raise ClusterError("; ".join(problems))
+            raise ClusterError("; ".join(problems) + (f"\n{logs}" if logs else ""))
 
     def _write_files(self) -> None:
         for folder in ("munge", "state", "run", "log", *(f"spool/{node}" for node in NODES)):

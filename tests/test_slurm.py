@@ -290,7 +290,8 @@ def kill_worker_of_rank_1(job: Job) -> None:
 @pytest.fixture(scope="module")
 def third_wave(cluster, config, tmp_path_factory) -> dict[str, Job]:
     """(c) and (d) side by side, on the cluster without RequeueExit=75 (not every admin sets it):
-    the script must requeue (c) itself. (d) never exits 75."""
+    the script must requeue (c) itself; (d) never exits 75. The module's last wave on this cluster,
+    which keeps the setting until it stops."""
     cluster.wait_until_idle(JOB_TIMEOUT_S)
     cluster.reconfigure("RequeueExit", None)
     jobs = {
@@ -299,8 +300,7 @@ def third_wave(cluster, config, tmp_path_factory) -> dict[str, Job]:
     }
     jobs["c"].interrupt(send_time_limit_signal, at_step=SIGTERM_AFTER_STEP)
     jobs["d"].interrupt(kill_worker_of_rank_1, at_step=SIGKILL_AFTER_STEP)
-    yield jobs
-    cluster.reconfigure("RequeueExit", "75")
+    return jobs
 
 
 def test_c_the_time_limit_signal_stops_requeues_and_resumes(reference, third_wave):
