@@ -376,3 +376,7 @@ def test_the_leftovers_of_a_killed_test_process_are_removed_by_the_next_start():
     assert len(daemons) >= 5 and all(alive(pid) for pid in daemons) and root.exists()  # orphans now
     assert root in remove_leftovers()
     assert not any(alive(pid) for pid in daemons) and not root.exists()
+    # The killed orphans are init's to reap: give it a moment, so that `ps` after the run lists none.
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in daemons) and time.monotonic() < deadline:
+        time.sleep(0.1)
