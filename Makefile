@@ -57,6 +57,15 @@ KUBECTL ?= $(K8S_VENV)/bin/kubectl
 OVERLAY ?= cpu
 NAMESPACE ?=
 # What `make status` and `make delete` look for: the overlay's kind of job.
+# Slurm (slurm/train.sbatch): NODES nodes x GPUS_PER_NODE processes (0: one CPU process per node),
+# in PARTITION (empty: the cluster's default) for at most TIME; JOB: the job of slurm-status/logs/
+# cancel (default: your newest mnist-ddp job in the queue). The submit directory must be shared.
+NODES ?= 2
+GPUS_PER_NODE ?= 0
+PARTITION ?=
+TIME ?= 01:00:00
+JOB ?=
+SLURM_JOB = $(or $(JOB),$(shell squeue -h --me -n mnist-ddp -o %i 2>/dev/null | sort -n | tail -n 1))
 K8S_KIND = $(if $(filter kubeflow-pytorchjob,$(OVERLAY)),pytorchjob,$(if $(filter kubeflow-trainjob,$(OVERLAY)),trainjob,job))
 K8S_PODS = -l app.kubernetes.io/name=mnist-ddp,app.kubernetes.io/component=trainer
 KUBECTL_NS = $(KUBECTL)$(if $(NAMESPACE), -n $(NAMESPACE))
@@ -66,12 +75,14 @@ LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 
 .PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test test-fast \
-	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test clean distclean
+	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
+	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=(GPUs torch can use, else 2) DEVICE=$(DEVICE) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
+	@echo "Slurm: NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) PARTITION=$(PARTITION) TIME=$(TIME) JOB=<id>"
 	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
@@ -213,6 +224,39 @@ delete: $(K8S_STAMP) ## delete the job, its pods, Service, ConfigMaps, TensorBoa
 # Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); .venv-k8s's kubectl renders.
 k8s-local-test: $(STAMP) $(K8S_STAMP) ## run k8s/overlays/cpu's Job as 2 local "pods" (namespaces); kill one; same bits (root)
 	$(PY) -m pytest -m k8s_local tests/test_k8s_local.py $(PYTEST_ARGS)
+
+# The job runs JOB_PYTHON on every node (this checkout's venv: it must be on a shared path) from
+# this directory; sbatch hands it this shell's environment. slurm/README.md: containers, exit codes.
+slurm-submit: $(STAMP) ## submit slurm/train.sbatch: NODES x GPUS_PER_NODE (0: 1 CPU process per node), PARTITION, TIME, CONFIG, ARGS; prints the job id
+	@$(PY) -m job config --world-size $$(( $(NODES) * $(if $(filter-out 0,$(GPUS_PER_NODE)),$(GPUS_PER_NODE),1) )) \
+		--config $(CONFIG) $(ARGS) > /dev/null
+	@JOB_PYTHON="$${JOB_PYTHON:-$(abspath $(PY))}" sbatch --parsable --nodes $(NODES) --time $(TIME) \
+		$(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node $(GPUS_PER_NODE)) $(if $(PARTITION),--partition $(PARTITION)) \
+		slurm/train.sbatch --config $(CONFIG) $(ARGS)
+
+define need_slurm_job
+	@test -n "$(SLURM_JOB)" || { echo "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" >&2; exit 2; }
+endef
+
+slurm-status: ## the job JOB (default: your newest mnist-ddp job): state, restarts, nodes, exit code
+	$(call need_slurm_job)
+	@squeue -j $(SLURM_JOB) -o '%.10i %.9P %.10j %.8T %.10M %.6D %R' 2>/dev/null || true
+	@scontrol show job $(SLURM_JOB) | grep -E '^ *(JobState|RunTime|NodeList|StdOut)=|Restarts='
+
+slurm-logs: ## follow the output of the job JOB (every node's ranks, the batch script's lines)
+	$(call need_slurm_job)
+	tail -n 100 -F "$$(scontrol show job $(SLURM_JOB) | sed -n 's/^ *StdOut=//p')"
+
+slurm-cancel: ## cancel the job JOB for good (its ranks get SIGTERM first: a checkpoint is written)
+	$(call need_slurm_job)
+	scancel $(SLURM_JOB)
+
+# Root: its own munged, slurmctld and two slurmd under a temp dir; installs the packages when missing.
+slurm-test: $(STAMP) ## submit slurm/train.sbatch to a local 2-node Slurm cluster: preempt, time limit, kill; same bits (root)
+	@command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+		&& command -v munged >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null; }
+	$(PY) -m pytest -m slurm tests/test_slurm.py $(PYTEST_ARGS)
 
 clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache

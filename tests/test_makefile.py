@@ -111,3 +111,26 @@ def test_train_local_on_a_gpu_host_whose_torch_sees_no_gpu_asks_for_cuda_to_fail
 def test_train_local_on_a_cpu_host_leaves_the_device_to_the_job(tmp_path):
     command = _train_local_command(tmp_path, driver_gpus=0, torch_gpus=0)
     assert "--nproc-per-node 2" in command and "dist.device" not in command
+
+
+def test_slurm_submit_passes_nodes_gpus_partition_time_and_the_job_s_arguments():
+    def submit(*variables: str) -> str:
+        return " ".join(_make("-n", "slurm-submit", *variables).replace("\\\n", " ").split())
+
+    gpu = submit("NODES=3", "GPUS_PER_NODE=4", "PARTITION=gpu", "TIME=02:00:00", "ARGS=train.epochs=1")
+    assert (
+        "sbatch --parsable --nodes 3 --time 02:00:00 --gpus-per-node 4 --partition gpu "
+        "slurm/train.sbatch --config job/configs/default.yaml train.epochs=1" in gpu
+    )
+    assert "job config --world-size $(( 3 * 4 ))" in gpu, "the config is checked for the world size first"
+    cpu = submit("NODES=2")
+    assert "sbatch --parsable --nodes 2 --time 01:00:00 slurm/train.sbatch" in cpu and "gpus-per-node" not in cpu
+    assert "job config --world-size $(( 2 * 1 ))" in cpu
+
+
+def test_slurm_targets_without_a_job_say_so_in_one_line():
+    result = subprocess.run(
+        ["make", "--no-print-directory", "slurm-status", "JOB=", "SLURM_JOB="], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" in result.stderr
