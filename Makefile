@@ -138,6 +138,7 @@ plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, co
 	$(PY) -m job plot $(RUN)
 
 predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
+	@test -n "$(strip $(IMAGES))" || { echo "error: no images to read; pass them as IMAGES='a.png b.jpg'" >&2; exit 2; }
 	$(PY) -m job predict --checkpoint $(RUN)/model.pt $(IMAGES)
 
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, expand_path, load_config, rank_batch_size
 from job.console import setup_logging
-from job.errors import EXIT_BAD_INPUT, ConfigError, JobError
+from job.errors import EXIT_BAD_INPUT, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
 
 
@@ -144,13 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except JobError as e:
-        # Most bad input is the same on every rank: the first process on each host says it once.
+        # Most errors are the same on every rank: the first process on each host says it once.
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
-            tag = f"[rank {_env_int('RANK')}] " if _env_int("WORLD_SIZE", 1) > 1 else ""
-            print(f"{tag}error: {e}", file=sys.stderr, flush=True)
+            _say("stopped" if isinstance(e, PreemptedError) else "error", str(e))
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it
+        if _env_int("LOCAL_RANK") == 0:
+            _say("interrupted", "Ctrl-C; run the same command again to resume from the newest checkpoint, if any")
         return 130
+
+
+def _say(kind: str, message: str) -> None:
+    tag = f"[rank {_env_int('RANK')}] " if _env_int("WORLD_SIZE", 1) > 1 else ""
+    print(f"{tag}{kind}: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

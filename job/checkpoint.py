@@ -12,6 +12,8 @@ A checkpoint is one flat dict, written with torch.save and read with
     train_samples     size of the training split it trained on
     recipe            RECIPE_KEYS -> values;  recipe_digest: sha256 of its JSON
     rng               every rank's generator states, in rank order (job/seeding.py)
+    environment       what the bits depend on besides the config (seeding.bit_environment);
+                      absent from checkpoints written before it was recorded
 
 Files are `checkpoints/step-<global step, 9 digits>.pt`; the highest step is the newest.
 """
@@ -68,6 +70,7 @@ def training_state(
     train_samples: int,
     cfg: Config,
     rng: list[Any],
+    environment: dict[str, Any],
 ) -> dict[str, Any]:
     """A checkpoint's contents (see the module docstring), every tensor on the CPU: a checkpoint
     written on a GPU then loads anywhere, without map_location."""
@@ -81,7 +84,8 @@ def training_state(
         "train_samples": train_samples,
         "recipe": values,
         "recipe_digest": recipe_digest(values),
-        "rng": rng,
+        "rng": to_cpu(rng),
+        "environment": environment,
     }
 
 

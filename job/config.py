@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -152,10 +153,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """The config from a YAML file (default.yaml when None) with KEY=VALUE overrides applied."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     tree = _read_yaml(path)
+    sources = {}
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(tree, key, value)
-    return config_from_dict(tree, source=str(path))
+        sources[key] = f"override {_cut(override)}"
+    return config_from_dict(tree, source=str(path), sources=sources)
 
 
 PATH_KEYS = ("data.root", "run.dir", "train.resume")
@@ -168,9 +171,11 @@ def expand_path(path: str) -> str:
     return os.path.expanduser(path)
 
 
-def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
-    """A validated Config from a nested dict; unknown keys, wrong types and bad ranges raise."""
-    cfg = _build(Config, tree, prefix="", source=source)
+def config_from_dict(tree: dict[str, Any], source: str = "config", sources: dict[str, str] | None = None) -> Config:
+    """A validated Config from a nested dict; unknown keys, wrong types and bad ranges raise
+    ConfigError naming the key and where it came from: `sources` maps the dotted keys that
+    overrides set to the override, every other key is from `source`."""
+    cfg = _build(Config, tree, prefix="", source=source, sources=sources or {})
     for key in PATH_KEYS:
         value = get_dotted(cfg, key)
         if isinstance(value, str):
@@ -179,7 +184,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     for key, (ok, expected) in _RANGES.items():
         value = get_dotted(cfg, key)
         if not ok(value):
-            raise ConfigError(f"{key}={value!r} is out of range: must be {expected}")
+            raise ConfigError(f"{key}={show(value)} is out of range: must be {expected}")
     return cfg
 
 
@@ -228,7 +233,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {text!r} is not KEY=VALUE (example: optim.lr=0.02)")
+        raise ConfigError(f"override {_cut(text)!r} is not KEY=VALUE (example: optim.lr=0.02)")
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError:
@@ -247,6 +252,35 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
+SHOWN_CHARACTERS = 60
+"""The most of a value a message quotes: enough to recognise it, bounded whatever the input
+(nine levels of YAML aliases expand a 376-byte file into 9**9 items)."""
+
+
+def show(value: Any) -> str:
+    """A config value as it is written in YAML (null, true, 0.02, 'a string'), for messages;
+    a list or mapping by its kind and size only, never expanded; at most SHOWN_CHARACTERS."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    if isinstance(value, str):
+        return "'" + _cut(value).replace("'", "''") + "'"  # YAML's single-quoted style
+    if isinstance(value, (int, float)):
+        return _cut(str(value))
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key(s)"
+    return f"a {type(value).__name__}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
+
+
 def get_dotted(cfg: Any, key: str) -> Any:
     """The value of a dotted key ("optim.lr") in a Config."""
     for part in key.split("."):
@@ -254,18 +288,20 @@ def get_dotted(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, tree: Any, prefix: str, source: str, sources: dict[str, str]) -> Any:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where} must be a section of keys, not {tree!r}")
+        raise ConfigError(f"{where} must be a section of keys, not {show(tree)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in tree:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            dotted = prefix + (_cut(key) if isinstance(key, str) else show(key))
+            close = difflib.get_close_matches(str(key), names, n=1) if isinstance(key, str) else []
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            origin = next((text for k, text in sources.items() if k == dotted or k.startswith(dotted + ".")), source)
             raise ConfigError(
-                f"unknown config key {prefix}{key} in {source}{hint}; valid keys in {where}: {', '.join(names)}"
+                f"unknown config key {dotted} in {origin}{hint}; valid keys in {where}: {', '.join(names)}"
             )
     values = {}
     for name in names:
@@ -273,7 +309,7 @@ def _build(cls: type, tree: Any, prefix: str, source: str) -> Any:
             continue
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, tree[name], f"{prefix}{name}.", source)
+            values[name] = _build(hint, tree[name], f"{prefix}{name}.", source, sources)
         else:
             values[name] = _coerce(f"{prefix}{name}", hint, tree[name])
     return cls(**values)
@@ -285,7 +321,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key}={value!r} is not allowed: choose one of {', '.join(map(str, args))}")
+        raise ConfigError(f"{key}={show(value)} is not allowed: choose one of {', '.join(map(str, args))}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -297,4 +333,4 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if type(value) is hint:
         return value
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
-    raise ConfigError(f"{key}={value!r} has the wrong type: expected {expected}")
+    raise ConfigError(f"{key}={show(value)} has the wrong type: expected {expected}")

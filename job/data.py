@@ -61,7 +61,7 @@ def ensure_mnist(root: str | Path, download: bool, verify: bool) -> None:
         if not download:
             raise DataError(
                 f"MNIST files missing under {raw_dir(root)} ({', '.join(missing)}) and data.download=false; "
-                "run `make data` or set data.download=true"
+                f"fetch them with `python -m job data --root {root}`, or set data.download=true"
             )
         fetch_mnist(root)
     if verify:
@@ -156,7 +156,8 @@ def _check_sha256(path: Path) -> None:
     if digest.hexdigest() != SHA256[path.name]:
         raise DataError(
             f"checksum mismatch for {path}: sha256 {digest.hexdigest()[:16]}..., expected "
-            f"{SHA256[path.name][:16]}...; delete the file and run `make data` to fetch it again"
+            f"{SHA256[path.name][:16]}...; delete it and fetch it again with `python -m job data --root "
+            f"{path.parent.parent.parent}`, or set data.verify=false for your own IDX files"
         )
 
 

@@ -15,14 +15,16 @@ preempted (the restarted group waits in the rendezvous for that host's replaceme
 asked of this launcher itself (SIGTERM) is not restarted. The exit status is the job's own
 (job/errors.py):
   2   a worker exited 2: bad input, retrying cannot help
-  75  the workers stopped after a checkpoint (75), or SIGTERM stopped this launcher:
-      start the same command again to resume
+  75  the workers stopped after a checkpoint (75), or SIGTERM or Ctrl-C stopped this
+      launcher (its workers checkpoint first): start the same command again to resume
   1   anything else: a run-time failure (a retry may help)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Iterable
@@ -70,12 +72,40 @@ def _no_restart_after_final_codes() -> None:
     LocalElasticAgent._monitor_workers = monitor_workers
 
 
+def _pass_a_second_ctrl_c_on() -> None:
+    """Ctrl-C reaches only this process (torch starts each worker in a session of its own), and
+    the agent passes it on to the workers as SIGINT: each stops at its next checkpoint. While
+    the agent waits for that, a second Ctrl-C would end the agent alone (its handler raises)
+    and orphan the workers; instead it is passed on too, and the workers stop at once.
+    `_shutdown(death_sig)` is where torch's agent signals and then waits for its workers
+    (torch/distributed/elastic/agent/server/local_elastic_agent.py)."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    shutdown = LocalElasticAgent._shutdown
+
+    @functools.wraps(shutdown)
+    def shutdown_passing_ctrl_c(self, death_sig=signal.SIGTERM, *args, **kwargs):  # noqa: ANN001, ANN202
+        if death_sig == signal.SIGINT and self._pcontext is not None:
+            workers = list(self._pcontext.pids().values())
+            signal.signal(signal.SIGINT, lambda *_: _signal_groups(workers, signal.SIGINT))
+        return shutdown(self, death_sig, *args, **kwargs)
+
+    LocalElasticAgent._shutdown = shutdown_passing_ctrl_c
+
+
+def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
+    for pid in leaders:
+        with contextlib.suppress(ProcessLookupError):  # that worker has already exited
+            os.killpg(pid, sig)
+
+
 def main() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
     _no_restart_after_final_codes()
+    _pass_a_second_ctrl_c_on()
     try:
         torchrun()
     except ChildFailedError as e:
@@ -83,7 +113,7 @@ def main() -> int:
     except SignalException as e:
         # torchrun has already passed the signal on to its workers and waited for them to
         # checkpoint and exit.
-        if e.sigval != signal.SIGTERM:
+        if e.sigval not in (signal.SIGTERM, signal.SIGINT):
             raise
         return EXIT_PREEMPTED
     return 0

@@ -11,7 +11,7 @@ from torch import nn
 
 from job.checkpoint import model_state_of
 from job.errors import BadInputError, message_line
-from job.safe_io import load_weights_only
+from job.safe_io import load_weights
 
 
 class Net(nn.Module):
@@ -36,12 +36,12 @@ class Net(nn.Module):
 
 
 def load_model(checkpoint: str | Path, dropout: float = 0.5) -> Net:
-    """The net with the weights of a model.pt or a training checkpoint, in eval mode.
+    """The net with the weights of a model.pt, a training checkpoint or a safetensors export, in eval mode.
 
     Loads weights only (never code); a missing, damaged or foreign file, or one of another shape of
     model, raises BadInputError.
     """
-    state = model_state_of(load_weights_only(checkpoint), checkpoint)
+    state = model_state_of(load_weights(checkpoint), checkpoint)
     model = Net(dropout=dropout)
     try:
         model.load_state_dict(state)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from job.checkpoint import check_fields, recipe, recipe_digest
-from job.config import Config
+from job.config import Config, show
 from job.errors import BadInputError, ConfigError
 from job.run_dir import RunDir
 from job.safe_io import loads_weights_only
@@ -104,7 +104,7 @@ def check_resumable(state: Any, path: Path, cfg: Config) -> None:
     current = recipe(cfg)
     if recipe_digest(current) != state["recipe_digest"]:
         old = state["recipe"]
-        changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in current.items() if old.get(key) != value]
+        changed = [f"{k} {show(old.get(k))} -> {show(v)}" for k, v in current.items() if old.get(k) != v]
         raise ConfigError(
             f"cannot resume from {path}: the config changed in a way a resume cannot follow "
             f"({', '.join(changed) or 'recipe digest differs'}); restore the old value(s), or start a new run "

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from job.errors import BadInputError
+from job.errors import BadInputError, message_line
 
 
 def _create_temp(target: Path) -> tuple[Path, int]:
@@ -87,6 +87,29 @@ def load_weights_only(path: str | Path) -> Any:
     return loads_weights_only(data, path)
 
 
+def load_weights(path: str | Path) -> Any:
+    """A model file's contents, loading no code: a torch.save file (model.pt, a checkpoint) through
+    load_weights_only, or a safetensors file (what `python -m job export` writes) as its tensors.
+    BadInputError as load_weights_only."""
+    path = Path(path)
+    if path.is_file() and _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise BadInputError(f"{path} is a damaged safetensors file ({message_line(e)})") from None
+    return load_weights_only(path)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with the length of their JSON header (8 bytes, little-endian), then `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def loads_weights_only(data: bytes, name: str | Path) -> Any:
     """load_weights_only for a file's bytes (as rank 0 broadcasts them); `name` is for messages.
 
@@ -112,9 +135,26 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
         ) from None
 
 
-# What torch.save needs to write tensors, state dicts and plain containers (protocol 2 pickles
-# name these through GLOBAL); anything else is a class or function a weights-only load refuses.
-_TENSOR_GLOBALS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset"}
+def _weights_only_globals() -> set[str] | None:
+    """The globals torch's weights-only unpickler accepts (its default allow-list plus any this
+    process added), from torch's private `_get_allowed_globals`; None where it is missing."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        added = [g for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)]
+        return set(_get_allowed_globals()) | {f"{g.__module__}.{g.__qualname__}" for g in added}
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+# Without torch's list: what torch.save needs for tensors and containers, and any torch.* name.
+_FALLBACK_GLOBALS = {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset"}
+
+
+def _loads_weights_only(name: str, allowed: set[str] | None) -> bool:
+    if allowed is not None:
+        return name in allowed
+    return name.startswith("torch.") or name in _FALLBACK_GLOBALS
 
 
 def foreign_globals(data: bytes) -> list[str]:
@@ -127,6 +167,7 @@ def foreign_globals(data: bytes) -> list[str]:
             pickled = archive.read(entry)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError):
         return []
+    allowed = _weights_only_globals()
     found: list[str] = []
     strings: list[str] = []  # the latest string pushes: STACK_GLOBAL takes module and name from them
     memo: dict[int, str] = {}
@@ -146,7 +187,7 @@ def foreign_globals(data: bytes) -> list[str]:
                 elif op.name in ("BINGET", "LONG_BINGET", "GET") and int(arg) in memo:
                     strings.append(memo[int(arg)])
                 continue
-            if not (qualified.startswith("torch.") or qualified in _TENSOR_GLOBALS) and qualified not in found:
+            if not _loads_weights_only(qualified, allowed) and qualified not in found:
                 found.append(qualified)
     except ValueError:  # a pickle cut short: what was read so far still counts
         pass
@@ -161,5 +202,6 @@ def _damage(data: bytes, error: BaseException) -> str:
         if data[:2] == b"\x80\x02":
             return "an unreadable legacy torch.save file"
         return "not a complete torch.save archive: cut short, or another format"
-    detail = [line.strip() for line in str(error).splitlines() if line.strip() and "weights_only" not in line]
-    return detail[0] if detail else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):  # torch's text is advice about trusting the file
+        return "its pickle cannot be read as weights"
+    return message_line(error)

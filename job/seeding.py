@@ -78,3 +78,19 @@ def configure_numerics(deterministic: bool, tf32: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
+
+
+def bit_environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    """What a run's bits depend on besides its config: the same config and these values give
+    the same weights, bit for bit (in deterministic mode). Threads per rank change how CPU
+    kernels split their sums; another torch or CUDA version, or device type, other kernels."""
+    environment: dict[str, Any] = {
+        "world_size": world_size,
+        "device": device.type,
+        "threads_per_rank": torch.get_num_threads(),
+        "torch": str(torch.__version__),  # a str: TorchVersion is not a weights-only global
+    }
+    if device.type == "cuda":
+        environment["cuda"] = torch.version.cuda
+        environment["gpu"] = torch.cuda.get_device_name(device)
+    return environment

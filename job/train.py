@@ -41,6 +41,7 @@ from job.resume import find_resume_source
 from job.run_dir import RunDir
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
 from job.seeding import (
+    bit_environment,
     configure_numerics,
     reseed_rank_streams_after_resize,
     restore_rng_state,
@@ -66,9 +67,10 @@ def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict
     return loaded
 
 
-def prepare_run_dir(cfg: Config, resuming: bool) -> None:
+def prepare_run_dir(cfg: Config, resuming: bool, environment: dict[str, Any]) -> None:
     """Rank 0, once the start is decided and the data is ready: the run directory with the
-    resolved config.yaml and checkpoints/ (minus the temporary file of a writer that died)."""
+    resolved config.yaml (headed by what else the bits depend on, as a comment) and
+    checkpoints/ (minus the temporary file of a writer that died)."""
     run = RunDir(cfg.run_dir)
     if not resuming and run.checkpoints.files():  # appeared during the data step: another job writes here
         raise BadInputError(
@@ -77,7 +79,9 @@ def prepare_run_dir(cfg: Config, resuming: bool) -> None:
     try:
         run.checkpoints.path.mkdir(parents=True, exist_ok=True)
         run.checkpoints.remove_partial_writes()
-        atomic_write_text(run.config, dump_config(cfg))
+        ran_with = ", ".join(f"{key} {value}" for key, value in environment.items())
+        header = f"# Ran with {ran_with}: with this config, what the weights' bits depend on.\n"
+        atomic_write_text(run.config, header + dump_config(cfg))
     except OSError as e:
         raise BadInputError(
             f"cannot write run directory {run.path} ({e.strerror}); set run.dir to a writable path"
@@ -151,6 +155,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
         self.progress = Progress()
+        self.environment = bit_environment(ctx.device, ctx.world_size)
         self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
 
@@ -198,7 +203,7 @@ class Trainer:
             bar.update()
             if batch_idx % self.cfg.train.log_interval == 0:
                 self.log_step(epoch, batch_idx, loss, bar)
-            checkpoint_seconds += self.checkpoint_or_stop(epoch, vote, bar)
+            checkpoint_seconds += self.checkpoint_or_stop(epoch, stop, vote, bar)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         seconds = time.perf_counter() - start - checkpoint_seconds
@@ -243,7 +248,7 @@ class Trainer:
         examples_seen = (epoch - 1) * dataset_size + done
         self.metrics.train_step(self.progress.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
 
-    def checkpoint_or_stop(self, epoch: int, vote: StopVote | None, bar: ProgressBar) -> float:
+    def checkpoint_or_stop(self, epoch: int, stop: StopRequest, vote: StopVote | None, bar: ProgressBar) -> float:
         """After a step: write a checkpoint when one is due or the ranks agreed to stop, then stop
         (PreemptedError) if they did. Returns the seconds spent writing (kept out of the throughput).
         Epoch-end checkpoints are written by fit(), after the test."""
@@ -253,11 +258,14 @@ class Trainer:
         seconds = self.save_checkpoint() if stopping or due else 0.0
         if stopping:
             bar.clear()
-            log.warning(f"SIGTERM: stopping after step {progress.global_step}, checkpoint written")
+            why = {"SIGINT": "Ctrl-C (SIGINT)", None: "another rank's stop request"}.get(
+                stop.signal_name, stop.signal_name
+            )
+            log.warning(f"{why}: stopping after step {progress.global_step}, checkpoint written")
             raise PreemptedError(
-                f"stopped by SIGTERM after step {progress.global_step} (epoch {epoch}, batch {progress.batches_done}/"
-                f"{self.num_batches}) and wrote {self.run.checkpoints.path_for(progress.global_step)}; start the "
-                "job again to resume"
+                f"by {why} after step {progress.global_step} (epoch {epoch}, batch {progress.batches_done}/"
+                f"{self.num_batches}), checkpoint {self.run.checkpoints.path_for(progress.global_step)} written; "
+                "run the same command again to resume"
             )
         return seconds
 
@@ -303,6 +311,7 @@ class Trainer:
             train_samples=len(self.train_split),
             cfg=self.cfg,
             rng=rng,
+            environment=self.environment,
         )
 
     def model_state(self) -> dict[str, torch.Tensor]:
@@ -333,10 +342,22 @@ class Trainer:
                     "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
                     "weights will not equal an uninterrupted run's bit for bit"
                 )
-        log.info(
-            f"Resuming from {name}: epoch {self.progress.epochs_done + 1}, batch {self.progress.batches_done}/"
-            f"{self.num_batches}, step {self.progress.global_step}"
-        )
+        changed = {
+            key: (then, self.environment.get(key))
+            for key, then in state.get("environment", {}).items()
+            if key != "world_size" and then != self.environment.get(key)
+        }
+        if changed and self.ctx.is_leader:
+            log.warning(
+                f"resuming a checkpoint written with {', '.join(f'{k}={old}' for k, (old, _) in changed.items())} "
+                f"under {', '.join(f'{k}={new}' for k, (_, new) in changed.items())}: the run continues, but its "
+                "weights will not equal an uninterrupted run's bit for bit"
+            )
+        if self.progress.epochs_done < self.cfg.train.epochs:  # else fit() says the run is complete
+            log.info(
+                f"Resuming from {name}: epoch {self.progress.epochs_done + 1}, batch {self.progress.batches_done}/"
+                f"{self.num_batches}, step {self.progress.global_step}"
+            )
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         """summary.json: the final test figures, the position reached, and what ran it."""
@@ -345,12 +366,10 @@ class Trainer:
             **result,
             **progress.to_dict(),
             "epochs": progress.epochs_done,
-            "world_size": self.ctx.world_size,
             "train_samples_per_second": progress.samples_trained / progress.train_seconds,
+            **self.environment,
             "backend": self.ctx.backend,
-            "device": self.ctx.device.type,
             "launcher": self.ctx.env.launcher,
-            "torch": torch.__version__,
         }
 
 
@@ -401,7 +420,8 @@ def _train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     trainer = Trainer(cfg, ctx, splits)
     if state is not None:
         trainer.load_state_dict(state, name)
-    on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", lambda: prepare_run_dir(cfg, state is not None))
+    prepare = functools.partial(prepare_run_dir, cfg, state is not None, trainer.environment)
+    on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", prepare)
     return trainer.fit()
 
 

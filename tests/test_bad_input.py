@@ -71,7 +71,7 @@ CASES = {
     "missing data": (["data.root={missing}"], None, ["MNIST files missing under", "data.download=false"]),
     "truncated IDX": (["data.root={truncated}"], None, ["train-images-idx3-ubyte is truncated"]),
     "wrong magic": (["data.root={wrong-magic}"], None, ["is not an IDX file of 1-d unsigned bytes"]),
-    "checksum": (["data.verify=true"], None, ["checksum mismatch for", "run `make data`"]),
+    "checksum": (["data.verify=true"], None, ["checksum mismatch for", "python -m job data --root"]),
     "nccl without GPU": (["dist.backend=nccl"], None, ["dist.backend=nccl needs CUDA GPUs"]),
     "RANK >= WORLD_SIZE": ([], _launched(2, 2), ["RANK=2 must be below WORLD_SIZE=2"]),
 }

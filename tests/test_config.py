@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, assert_one_line_error, run_job
 
-from job.config import DEFAULT_CONFIG, Config, config_to_dict, dump_config, load_config
+from job.config import DEFAULT_CONFIG, Config, config_from_dict, config_to_dict, dump_config, load_config
 from job.errors import ConfigError
 
 
@@ -201,3 +201,18 @@ def test_global_batch_splits_evenly_or_is_refused():
 def test_cli_config_checks_the_batch_split_for_a_world_size(tmp_path):
     assert_one_line_error(run_job(["config", "--world-size", "3"], cwd=tmp_path), "does not split evenly")
     assert run_job(["config", "--world-size", "4"], cwd=tmp_path).returncode == 0
+
+
+def test_a_typo_in_an_override_is_blamed_on_the_override_not_the_file():
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr in override optim\.lrr=0\.1 \(did you mean"):
+        load_config(overrides=["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr in .*default\.yaml"):
+        config_from_dict({"optim": {"lrr": 0.1}}, source=str(DEFAULT_CONFIG))
+
+
+def test_values_in_messages_are_spelt_as_in_yaml():
+    """A user types null, true and 0.02, never Python's None and True."""
+    with pytest.raises(ConfigError, match=r"run\.name=null has the wrong type"):
+        load_config(overrides=["run.name=null"])
+    with pytest.raises(ConfigError, match=r"data\.train_limit=true has the wrong type"):
+        load_config(overrides=["data.train_limit=true"])

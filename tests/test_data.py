@@ -82,7 +82,10 @@ def test_checksum_mismatch_names_the_file(tiny_root):
 
 
 def test_missing_files_without_download(tmp_path):
-    with pytest.raises(DataError, match=r"MNIST files missing under .* and data.download=false; run `make data`"):
+    with pytest.raises(
+        DataError,
+        match=r"MNIST files missing under .* and data.download=false; fetch them with `python -m job data --root ",
+    ):
         data.ensure_mnist(tmp_path, download=False, verify=True)
 
 

@@ -223,7 +223,7 @@ def test_a_peer_that_fails_stops_every_rank(tiny_root, tmp_path):
 def test_missing_data_fails_before_any_run_directory(tmp_path):
     run_dir = tmp_path / "run"
     result = run_job(["train", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"run.dir={run_dir}"])
-    assert_one_line_error(result, "MNIST files missing under", "run `make data`")
+    assert_one_line_error(result, "MNIST files missing under", "python -m job data --root")
     assert not run_dir.exists()
 
 

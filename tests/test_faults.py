@@ -7,6 +7,7 @@ The data is generated: 3200 samples, 50 steps per epoch, a checkpoint every 10 s
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -130,7 +131,7 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(medium_r
     assert len(stops) == 1, f"all ranks stop after the same step:\n{output}"
     (step,) = stops
     assert output.count(f"SIGTERM: stopping after step {step}") == 2
-    assert f"error: stopped by SIGTERM after step {step}" in output
+    assert f"stopped: by SIGTERM after step {step}" in output and "error:" not in output
     assert checkpoint(run_dir, step).is_file()
 
     again = run_job(train_args(medium_root, run_dir), nproc=2)
@@ -146,12 +147,55 @@ def test_sigterm_exit_code_tells_preemption_apart(medium_root, reference, tmp_pa
     wait_for_checkpoint(run_dir, 20, [job], log)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=60) == EXIT_PREEMPTED == 75, log.read_text()
-    errors = [line for line in log.read_text().splitlines() if "error:" in line]
-    assert len(errors) == 1 and "start the job again to resume" in errors[0]
-    assert "Traceback" not in log.read_text()
+    stops = [line for line in log.read_text().splitlines() if line.startswith("stopped: ")]
+    assert len(stops) == 1 and "run the same command again to resume" in stops[0]
+    assert "Traceback" not in log.read_text() and "error:" not in log.read_text()
 
     assert_ok(run_job(train_args(medium_root, run_dir)))
     assert_same_weights(run_dir, reference[None])
+
+
+@pytest.mark.processes
+def test_ctrl_c_in_a_terminal_checkpoints_every_rank_and_says_how_to_resume(medium_root, reference, tmp_path):
+    """SIGINT to the launcher's process group, as a terminal sends it (torch starts the workers in
+    sessions of their own, so only the launcher gets it and passes it on)."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job"]
+    job = start([*launch, *train_args(medium_root, run_dir)], log)
+    wait_for_checkpoint(run_dir, 20, [job], log)
+    os.killpg(job.pid, signal.SIGINT)
+    assert job.wait(timeout=60) == EXIT_PREEMPTED, log.read_text()
+
+    output = log.read_text()
+    stops = {int(step) for step in re.findall(r"\[rank [01]\] Ctrl-C \(SIGINT\): stopping after step (\d+)", output)}
+    assert len(stops) == 1, f"all ranks stop after the same step:\n{output}"
+    (step,) = stops
+    assert checkpoint(run_dir, step).is_file()
+    assert "press Ctrl-C again to stop at once" in output
+    assert f"stopped: by Ctrl-C (SIGINT) after step {step}" in output and "run the same command again" in output
+    assert "Traceback" not in output and "SignalException" not in output and "error:" not in output
+
+    again = run_job(train_args(medium_root, run_dir), nproc=2)
+    assert_ok(again)
+    assert resumed_step(again.stdout) == step
+    assert_same_weights(run_dir, reference[2])
+
+
+@pytest.mark.processes
+def test_a_second_ctrl_c_stops_at_once_in_one_line(medium_root, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir)], log)
+    wait_for_checkpoint(run_dir, 10, [job], log)
+    os.killpg(job.pid, signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "press Ctrl-C again" not in log.read_text():  # the first one was taken as a stop request
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGINT)  # before the next vote, up to 10 steps away
+    assert job.wait(timeout=60) == 130, log.read_text()
+    lines = log.read_text().splitlines()
+    assert lines[-1].startswith("interrupted: Ctrl-C; run the same command again to resume"), lines
+    assert "Traceback" not in log.read_text()
 
 
 @pytest.mark.processes

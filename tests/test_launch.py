@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, clean_env
+from helpers import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 from job.launch import exit_code
@@ -117,3 +117,23 @@ def test_the_launcher_maps_mixed_codes_to_the_most_telling_one():
     assert exit_code({EXIT_PREEMPTED, -15}) == EXIT_PREEMPTED, "a peer the agent stopped before it trained"
     assert exit_code({-15}) == EXIT_FAILED
     assert exit_code({EXIT_FAILED}) == EXIT_FAILED
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("case", ["recipe changed", "no data"])
+def test_bad_input_found_by_the_workers_is_one_line_and_never_retried(tiny_root, tmp_path, case):
+    """What `make train-local` runs: job.launch --max-restarts 3. Plain torchrun printed the
+    error four times over ~50 s and exited 1; retrying cannot fix bad input."""
+    run_dir = tmp_path / "run"
+    if case == "recipe changed":
+        assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")], nproc=2))
+        args, needle = tiny_overrides(tiny_root, run_dir, "train.epochs=2", "optim.lr=0.02"), "cannot resume"
+    else:
+        (tmp_path / "empty").mkdir()
+        args, needle = tiny_overrides(tmp_path / "empty", run_dir), "MNIST files missing"
+    env = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "--max-restarts", "3"]
+    result = subprocess.run([*launch, "-m", "job", "train", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert_one_line_error(result, needle)
+    assert "Traceback" not in result.stderr

@@ -134,3 +134,9 @@ def test_slurm_targets_without_a_job_say_so_in_one_line():
     )
     assert result.returncode != 0
     assert "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" in result.stderr
+
+
+def test_predict_without_images_names_the_make_variable():
+    result = subprocess.run(["make", "--no-print-directory", "predict"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "error: no images to read; pass them as IMAGES='a.png b.jpg'" in result.stderr

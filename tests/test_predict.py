@@ -122,6 +122,21 @@ def test_predict_json_and_training_checkpoints(untrained, images):
 
 
 @pytest.mark.processes
+def test_predict_and_evaluate_read_the_projects_own_safetensors_export(untrained, images, tmp_path, tiny_root):
+    exported = tmp_path / "model.safetensors"
+    export = ["export", "--checkpoint", str(untrained / "model.pt"), "--format", "safetensors", "--out", str(exported)]
+    assert_ok(run_job(export))
+    models = (untrained / "model.pt", exported)
+    outputs = [run_job(["predict", "--checkpoint", str(path), "--json", str(images["png"])]) for path in models]
+    assert_ok(outputs[1])
+    assert outputs[0].stdout == outputs[1].stdout
+    on_data = [f"data.root={tiny_root}", "data.verify=false", "data.download=false"]
+    figures = [run_job(["evaluate", "--checkpoint", str(p), *on_data]) for p in (untrained / "model.pt", exported)]
+    assert_ok(figures[1])
+    assert figures[0].stdout == figures[1].stdout
+
+
+@pytest.mark.processes
 def test_bad_files_get_one_line_each_and_the_others_are_still_read(untrained, images, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("this is text\n")

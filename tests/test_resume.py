@@ -20,6 +20,7 @@ from helpers import (
     assert_one_line_error,
     assert_same_weights,
     checkpoint,
+    clean_env,
     read_summary,
     run_job,
     snapshot,
@@ -190,6 +191,7 @@ def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root,
     again = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)])
     assert_ok(again)  # a restart after the last checkpoint: nothing left to train, results rewritten
     assert "All 2 epochs were trained already" in again.stdout
+    assert "epoch 3" not in again.stdout, "a finished run is not resumed into an epoch it will not train"
     assert_same_weights(run_dir, reference)
 
     fewer = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, "train.epochs=1")])
@@ -267,3 +269,21 @@ def test_three_ranks_resume_mid_epoch_to_the_uninterrupted_bits(tiny_root, tmp_p
     start = f"train.resume={checkpoint(reference, 6)}"
     assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, *three, start)], nproc=3))
     assert_same_weights(run_dir, reference)
+
+
+@pytest.mark.processes
+def test_a_resume_that_changes_what_the_bits_depend_on_says_so(tiny_root, tmp_path):
+    """Threads per rank change how CPU kernels split their sums (1 vs 2 threads gave 4704 vs
+    4738 correct digits in a report): recorded in summary.json and config.yaml, and a resume
+    under other values warns as one at another world size does."""
+    run_dir = tmp_path / "run"
+    two_threads, one_thread = clean_env(OMP_NUM_THREADS="2"), clean_env(OMP_NUM_THREADS="1")
+    first = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")], env=two_threads)
+    assert_ok(first)
+    assert read_summary(run_dir)["threads_per_rank"] == 2
+    assert "threads_per_rank 2" in (run_dir / "config.yaml").read_text().splitlines()[0]
+    resumed = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=2")], env=one_thread)
+    assert_ok(resumed)
+    assert "written with threads_per_rank=2 under threads_per_rank=1" in resumed.stderr
+    summary = read_summary(run_dir)
+    assert summary["threads_per_rank"] == 1 and summary["torch"] == torch.__version__ and summary["device"] == "cpu"
