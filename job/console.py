@@ -52,12 +52,21 @@ class ProgressBar:
             self.stream.flush()
 
     def render(self, elapsed: float, width: int = 30) -> str:
+        """`Epoch 1 |#####.....| 312/938 85.3 it/s, 0:07 left` (the time left at the rate so far)."""
         filled = width * self.done // max(self.total, 1)
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        return f"{self.desc} |{'#' * filled}{'.' * (width - filled)}| {self.done}/{self.total} {rate:.1f} it/s"
+        left = f", {_clock((self.total - self.done) / rate)} left" if rate > 0 and self.done < self.total else ""
+        return f"{self.desc} |{'#' * filled}{'.' * (width - filled)}| {self.done}/{self.total} {rate:.1f} it/s{left}"
 
     def clear(self) -> None:
         """Erase the bar so a log line can be printed cleanly; the next update redraws it."""
         if self.enabled:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as m:ss (or h:mm:ss)."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -8,6 +8,7 @@ a silent fall back to the CPU: a GPU job that trains on CPU and exits 0 wastes h
 from __future__ import annotations
 
 import ctypes.util
+import logging
 import os
 import shutil
 import subprocess
@@ -115,3 +116,13 @@ def _libcuda_for_triton(environ: Mapping[str, str]) -> bool:
     folders += [os.path.dirname(line.split()[-1]) for line in cache.splitlines() if "libcuda.so.1" in line]
     folders += environ.get("LD_LIBRARY_PATH", "").split(":")
     return any(folder and Path(folder, "libcuda.so.1").exists() for folder in folders)
+
+
+def quiet_compiler() -> None:
+    """torch.compile's warnings at level ERROR: it reports what it skips and where it found its
+    tools on every rank (pages under DDP), none of which the user can act on. TORCH_LOGS (e.g.
+    TORCH_LOGS=+dynamo) brings them back: then this changes nothing."""
+    if os.environ.get("TORCH_LOGS"):
+        return
+    torch._logging.set_logs(dynamo=logging.ERROR, inductor=logging.ERROR, aot=logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

@@ -20,7 +20,7 @@ from job import data
 from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
-from job.device import compile_toolchain_missing
+from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
     all_reduce_sum,
@@ -210,6 +210,7 @@ class Trainer:
         bar.clear()
         self.progress.train_seconds += seconds
         samples_per_second = (self.progress.samples_trained - samples_before) / seconds
+        log.info(f"Epoch {epoch}: {bar.total} steps in {seconds:.1f} s, {samples_per_second:,.0f} samples/s")
         self.metrics.train_epoch(self.progress.global_step, epoch, samples_per_second)
 
     def start_stop_vote(self, stop: StopRequest, batch_idx: int) -> StopVote | None:
@@ -382,6 +383,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
         setup_logging(ctx.rank, ctx.world_size)
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
             on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
+            quiet_compiler()
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "

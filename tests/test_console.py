@@ -39,3 +39,11 @@ def test_rank_tags_and_levels(capsys):
     log.info("Train Epoch: 1")
     assert capsys.readouterr().out == "Train Epoch: 1\n"
     logging.getLogger("job").handlers.clear()
+
+
+def test_the_bar_says_how_long_the_epoch_has_left():
+    bar = ProgressBar(1000, "Epoch 1", stream=_Terminal())
+    bar.done = 250
+    assert bar.render(elapsed=30.0).endswith("250/1000 8.3 it/s, 1:30 left")
+    bar.done = 1000
+    assert "left" not in bar.render(elapsed=120.0)

