@@ -100,9 +100,11 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def check_fields(state: Any, path: Path) -> None:
-    """A whole training state of the format this code writes (not a model.pt, not another
-    tool's file); BadInputError naming what is missing or wrong otherwise."""
+def check_fields(state: Any, path: Path, model_shapes: dict[str, tuple[int, ...]]) -> None:
+    """A whole training state of the format this code writes, for the net whose parameter and
+    buffer shapes are `model_shapes`: every field a resume reads is there, of its type, and fits
+    (weights and momentum buffers of those shapes, one RNG state per rank, a position that is
+    not negative). BadInputError naming the first thing that does not, otherwise."""
     if not isinstance(state, dict):
         raise BadInputError(f"checkpoint {path} is not a training checkpoint (it holds a {type(state).__name__})")
     missing = [key for key, kind in _FIELDS.items() if not isinstance(state.get(key), kind)]
@@ -115,10 +117,39 @@ def check_fields(state: Any, path: Path) -> None:
         raise BadInputError(
             f"checkpoint {path} has format {state['format']}; this job reads format {CHECKPOINT_FORMAT}"
         )
-    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
-        raise BadInputError(f"checkpoint {path} holds a damaged model state_dict")
+    wrong = _misfit(state, model_shapes)
+    if wrong:
+        raise BadInputError(f"checkpoint {path} does not fit this job's net and training state: {wrong}")
+
+
+def _misfit(state: dict[str, Any], model_shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """What in a checkpoint with the right fields cannot be loaded into this net, its optimizer,
+    its ranks' generators and its position; None when everything fits."""
+    model = state["model"]
+    if set(model) != set(model_shapes):
+        return f"its model has keys {sorted(set(model) ^ set(model_shapes))[:3]} that the net's do not match"
+    for key, shape in model_shapes.items():
+        if not isinstance(model[key], torch.Tensor) or tuple(model[key].shape) != shape:
+            return f"model {key} has shape {tuple(getattr(model[key], 'shape', ()))}, the net's is {shape}"
+    shapes = list(model_shapes.values())  # parameters first, in the net's order: what SGD indexes
+    groups, buffers = state["optimizer"].get("param_groups"), state["optimizer"].get("state")
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(buffers, dict):
+        return "its optimizer state is not one SGD parameter group"
+    for index, entry in buffers.items():
+        momentum = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or not 0 <= index < len(shapes):
+            return f"its optimizer state names parameter {index}, which the net does not have"
+        if momentum is not None and (not isinstance(momentum, torch.Tensor) or tuple(momentum.shape) != shapes[index]):
+            return f"the momentum of parameter {index} does not have the parameter's shape {shapes[index]}"
     if len(state["rng"]) != state["world_size"]:
-        raise BadInputError(f"checkpoint {path} holds {len(state['rng'])} RNG states for {state['world_size']} ranks")
+        return f"it holds {len(state['rng'])} RNG states for {state['world_size']} ranks"
+    for rank, streams in enumerate(state["rng"]):
+        if not (isinstance(streams, dict) and isinstance(streams.get("cpu"), torch.Tensor) and "python" in streams):
+            return f"rank {rank}'s RNG state lacks the CPU or python generator"
+    negative = [name for name in PROGRESS_FIELDS if state[name] < 0]
+    if negative or state["world_size"] < 1 or state["train_samples"] < 1:
+        return f"its position is impossible ({', '.join(negative) or 'world_size or train_samples'} below range)"
+    return None
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,26 +127,40 @@ class Config:
 
 
 # key -> (check, what the value must be). Checked after types, so each check sees its type.
+def _between(low: float, high: float) -> typing.Callable[[Any], bool]:
+    return lambda v: low <= v <= high
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""A run name is a plain directory name: it cannot climb out of runs/ (`..`) or hide (`.x`)."""
+
+# key -> (check, what the value must be). Checked after types, so each check sees its type, and
+# every number must be finite (NaN fails every comparison; infinity fails the upper bounds).
+# The bounds are README's configuration reference; upper ones keep a typo from meaning a
+# week-long run or a huge allocation.
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "data.root": (lambda v: v != "", "a non-empty path"),
-    "data.global_batch_size": (lambda v: v >= 1, ">= 1"),
-    "data.test_batch_size": (lambda v: v >= 1, ">= 1"),
+    "data.global_batch_size": (_between(1, MNIST_TRAIN_SIZE), f"between 1 and {MNIST_TRAIN_SIZE}"),
+    "data.test_batch_size": (_between(1, 10_000), "between 1 and 10000 (the test set's size)"),
     "data.train_limit": (
         lambda v: v is None or 1 <= v <= MNIST_TRAIN_SIZE,
         f"null or between 1 and {MNIST_TRAIN_SIZE}",
     ),
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "optim.lr": (lambda v: v > 0.0, "> 0"),
+    "optim.lr": (lambda v: 0.0 < v <= 10.0, "in (0, 10]"),
     "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "train.epochs": (lambda v: v >= 1, ">= 1"),
-    "train.log_interval": (lambda v: v >= 1, ">= 1"),
+    "train.epochs": (_between(1, 10_000), "between 1 and 10000"),
+    "train.log_interval": (_between(1, 1_000_000), "between 1 and 1000000"),
     "train.resume": (lambda v: v != "", "auto, never or a checkpoint path"),
-    "checkpoint.every_steps": (lambda v: v >= 0, ">= 0 (0: only at epoch ends)"),
-    "checkpoint.keep": (lambda v: v >= 1, ">= 1"),
-    "run.name": (lambda v: v != "" and "/" not in v, "a non-empty name without '/'"),
+    "checkpoint.every_steps": (_between(0, 1_000_000), "between 0 (only at epoch ends) and 1000000"),
+    "checkpoint.keep": (_between(1, 1000), "between 1 and 1000"),
+    "run.name": (
+        lambda v: RUN_NAME.fullmatch(v) is not None,
+        "a plain name: letters, digits, '.', '_', '-', not starting with '.'",
+    ),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
-    "dist.timeout_s": (lambda v: v >= 1, ">= 1"),
+    "dist.timeout_s": (_between(1, 7 * 24 * 3600), "between 1 and 604800 (a week)"),
 }
 
 

@@ -1,21 +1,29 @@
 """Where figures go: metrics.jsonl (one JSON object per event) and TensorBoard under tb/.
 
 Only rank 0 writes; the other ranks get NullMetrics, which accepts the same calls
-and does nothing, so the training loop never asks "am I rank 0?".
+and does nothing, so the training loop never asks "am I rank 0?". A write that fails (a full
+disk) stops the metrics and is raised by `check()` at the next point where the ranks agree
+(a checkpoint, the end), so every rank stops with one line instead of rank 0 alone.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
+from job.errors import RunFailedError, message_line
 from job.run_dir import RunDir
 from job.safe_io import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 class NullMetrics:
@@ -31,7 +39,27 @@ class NullMetrics:
 
     def resume(self, step: int, epoch: int, checkpoint: str, world_size: int, previous_world_size: int) -> None: ...
 
+    def check(self) -> None:
+        """Raise the first write failure (RunFailedError), if any."""
+
     def close(self) -> None: ...
+
+
+def _guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """A Metrics write that records an OSError instead of raising it mid-step (see check())."""
+
+    @functools.wraps(method)
+    def write(self: Metrics, *args: Any, **kwargs: Any) -> None:
+        if self.failure is None:
+            try:
+                method(self, *args, **kwargs)
+            except OSError as e:
+                self.failure = RunFailedError(
+                    f"cannot write the metrics in {self.run.path} ({e.strerror or message_line(e)}); the "
+                    "checkpoints are intact: free space there and run the same command again to resume"
+                )
+
+    return write
 
 
 class Metrics(NullMetrics):
@@ -43,27 +71,38 @@ class Metrics(NullMetrics):
     """
 
     def __init__(self, run: RunDir, start_step: int = 0) -> None:
+        """Opens metrics.jsonl and TensorBoard's writer; RunFailedError when the disk refuses."""
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
 
+        self.run, self.failure = run, None
         path = run.metrics
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
-            atomic_write_text(path, "".join(kept))
-        self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
-        self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        try:
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
+                atomic_write_text(path, "".join(kept))
+            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
+        except OSError as e:
+            raise RunFailedError(
+                f"cannot write the metrics in {run.path} ({e.strerror or message_line(e)}); free space there or "
+                "make it writable, and run the same command again"
+            ) from None
 
     def _event(self, **fields: Any) -> None:
         self._jsonl.write(json.dumps({"time": round(time.time(), 3), **fields}) + "\n")
 
+    @_guarded
     def train_step(self, step: int, epoch: int, examples_seen: int, loss: float, lr: float) -> None:
         self._event(event="train", step=step, epoch=epoch, examples_seen=examples_seen, loss=loss, lr=lr)
         self._tb.add_scalar("train/loss", loss, step)
         self._tb.add_scalar("train/lr", lr, step)
 
+    @_guarded
     def train_epoch(self, step: int, epoch: int, samples_per_second: float) -> None:
         self._event(event="train_epoch", step=step, epoch=epoch, samples_per_second=samples_per_second)
         self._tb.add_scalar("train/samples_per_second", samples_per_second, step)
 
+    @_guarded
     def test(
         self, step: int, epoch: int, examples_seen: int, result: dict[str, Any], digits: torch.Tensor | None
     ) -> None:
@@ -75,6 +114,7 @@ class Metrics(NullMetrics):
             self._tb.add_image("test/digits", digits, step)
         self._tb.flush()
 
+    @_guarded
     def resume(self, step: int, epoch: int, checkpoint: str, world_size: int, previous_world_size: int) -> None:
         self._event(
             event="resume",
@@ -85,9 +125,17 @@ class Metrics(NullMetrics):
             previous_world_size=previous_world_size,
         )
 
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
     def close(self) -> None:
-        self._jsonl.close()
-        self._tb.close()
+        """Flushes and closes both files; a failure now loses the last events, not the run: a warning."""
+        for sink in (self._jsonl, self._tb):
+            try:
+                sink.close()
+            except OSError as e:
+                log.warning(f"the last metrics in {self.run.path} were not written ({e.strerror or message_line(e)})")
 
 
 def _step_of(line: str) -> float:

@@ -35,6 +35,13 @@ class Net(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+def state_shapes() -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in the net's state_dict, in its order (built on the meta device:
+    no memory, and no draw from the random generators)."""
+    with torch.device("meta"):
+        return {key: tuple(value.shape) for key, value in Net().state_dict().items()}
+
+
 def load_model(checkpoint: str | Path, dropout: float = 0.5) -> Net:
     """The net with the weights of a model.pt, a training checkpoint or a safetensors export, in eval mode.
 

@@ -8,6 +8,7 @@ Figures are drawn without pyplot (no display, no global state) and written atomi
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import sys
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 
 from job import data
 from job.config import load_config
-from job.errors import BadInputError
+from job.errors import BadInputError, RunFailedError, message_line
 from job.model import load_model
 from job.run_dir import RunDir
 from job.safe_io import atomic_write_bytes
@@ -171,6 +172,10 @@ def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
         run.plots.mkdir(exist_ok=True)
         for name, fig in figures.items():
             save_png(fig, run.plots / name)
-    except OSError as e:
-        raise BadInputError(f"cannot write {run.plots} ({e.strerror}); make the run directory writable") from None
+    except OSError as e:  # a full disk may pass (exit 1); a read-only directory is the user's to fix (exit 2)
+        kind = RunFailedError if e.errno in (errno.ENOSPC, errno.EDQUOT) else BadInputError
+        raise kind(
+            f"cannot write {run.plots} ({e.strerror or message_line(e)}); the run's other files are unchanged: "
+            "free space there or make it writable, and plot again"
+        ) from None
     return [run.plots / name for name in figures]

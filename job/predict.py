@@ -53,13 +53,26 @@ class Prediction:
         )
 
 
+MAX_PIXELS = 64_000_000
+"""The largest image read (width x height): a 64-megapixel photo or scan. Checked from the header,
+before decoding: a 38 KB PNG can declare 13300 x 13300 pixels and decode to gigabytes."""
+
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check, replaced by _check_size (whose message gives the size)
+
+WORKING_SIDE = 2048
+"""Larger images are first shrunk (by an integer factor, box filter) so that their longer side is
+at most this: a digit needs far fewer pixels, and the float copies below stay small."""
+
+
 def read_grey(path: str | Path) -> np.ndarray:
-    """The image as float grey levels (any size, colour or grey, 8 or 16 bits); unreadable files raise."""
+    """The image as float grey levels (any size up to MAX_PIXELS, colour or grey, 8 or 16 bits, or
+    float); unreadable, oversized or non-finite files raise ImageFileError."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            _check_size(path, image.size)
             image.load()  # decode now: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
-            return _grey(image)
+            return _grey(_shrunk(image))
     except FileNotFoundError:
         raise ImageFileError(f"{path} does not exist; pass the path of a PNG or JPEG image") from None
     except PermissionError:
@@ -68,14 +81,36 @@ def read_grey(path: str | Path) -> np.ndarray:
         raise ImageFileError(f"{path} is a directory; pass the path of a PNG or JPEG image") from None
     except UnidentifiedImageError:
         raise ImageFileError(f"{path} is not an image Pillow can read; pass a PNG or JPEG image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, SyntaxError, ValueError) as e:
         # Pillow reports damaged files as OSError ("image file is truncated"), SyntaxError or ValueError.
         raise ImageFileError(f"{path} is damaged or unreadable ({message_line(e)}); pass an intact image") from None
+
+
+def _check_size(path: str | Path, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ImageFileError(
+            f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), more than the "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels a digit reader takes; crop it to the digit or shrink it"
+        )
+
+
+def _shrunk(image: Image.Image) -> Image.Image:
+    factor = -(-max(image.size) // WORKING_SIDE)
+    if factor <= 1:
+        return image
+    if image.mode.startswith("I;16"):  # 16-bit grey: reduce() takes 32-bit, converting keeps the depth
+        image = image.convert("I")
+    elif image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "L")
+    return image.reduce(factor)
 
 
 def _grey(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: keep the depth
         pixels = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(pixels).all():  # a float TIFF can hold NaN or infinity: no grey level
+            raise ValueError(f"{int((~np.isfinite(pixels)).sum())} pixel(s) are NaN or infinite")
     else:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             # Transparent pixels have an arbitrary colour (often black): put the drawing on white paper.

@@ -16,8 +16,9 @@ from typing import Any
 from job.checkpoint import check_fields, recipe, recipe_digest
 from job.config import Config, show
 from job.errors import BadInputError, ConfigError
+from job.model import state_shapes
 from job.run_dir import RunDir
-from job.safe_io import loads_weights_only
+from job.safe_io import loads_weights_only, read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
     if run.path.exists() and not run.path.is_dir():
         raise BadInputError(f"run.dir {run.path} is a file, not a directory; choose another run.dir")
     if mode == "never":
-        _check_empty(run.path)
+        _check_empty(run)
         return None
     own = run.checkpoints.files()
     if own:
@@ -55,18 +56,15 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
 def _read_given(path: Path) -> ResumeSource:
     if not path.is_file():
         raise BadInputError(f"train.resume={path} does not exist; pass a checkpoint file, or auto / never")
-    try:
-        return ResumeSource(path, path.read_bytes())
-    except OSError as e:
-        raise BadInputError(f"train.resume={path} cannot be read ({e.strerror})") from None
+    return ResumeSource(path, read_weights_file(path))
 
 
-def _check_empty(run_dir: Path) -> None:
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:4])
+def _check_empty(run: RunDir) -> None:
+    held = sorted(p.name for p in run.contents())
+    if held:
         raise BadInputError(
-            f"run directory {run_dir} is not empty (holds {held}) and train.resume=never; pass run.name=<new name> "
-            "or run.dir=<new dir>, set train.resume=auto to continue it, or delete it to start over"
+            f"run directory {run.path} is not empty (holds {', '.join(held[:4])}) and train.resume=never; pass "
+            "run.name=<new name> or run.dir=<new dir>, set train.resume=auto to continue it, or delete it to start over"
         )
 
 
@@ -86,9 +84,9 @@ def _newest_valid(files: list[Path]) -> ResumeSource:
     ones are reported and skipped, never deleted."""
     for path in reversed(files):
         try:
-            data = path.read_bytes()
-            check_fields(loads_weights_only(data, path), path)
-        except (BadInputError, OSError) as e:
+            data = read_weights_file(path)
+            check_fields(loads_weights_only(data, path), path, state_shapes())
+        except BadInputError as e:
             log.warning(f"skipping checkpoint {path.name}: {e}; trying the one before it")
             continue
         return ResumeSource(path, data)
@@ -100,7 +98,7 @@ def _newest_valid(files: list[Path]) -> ResumeSource:
 
 def check_resumable(state: Any, path: Path, cfg: Config) -> None:
     """The checkpoint continues this config: same recipe, and not past train.epochs."""
-    check_fields(state, path)
+    check_fields(state, path, state_shapes())
     current = recipe(cfg)
     if recipe_digest(current) != state["recipe_digest"]:
         old = state["recipe"]

@@ -74,17 +74,37 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_weights_only(path: str | Path) -> Any:
-    """torch.load of a file with weights_only=True: tensors and plain containers, never code.
-    A missing, unreadable, damaged or not weights-only file raises BadInputError."""
+MAX_WEIGHTS_BYTES = 64 * 2**20
+"""The most a weights file may hold, on disk and unpacked: this net's checkpoint is about 0.2 MB
+(model, momentum, one RNG state per rank: ~10 KB a rank, so 64 MiB is several thousand ranks).
+Checked before anything is allocated: a 1.5 MB zip can unpack to gigabytes."""
+
+
+def read_weights_file(path: str | Path) -> bytes:
+    """A weights file's bytes, at most MAX_WEIGHTS_BYTES; BadInputError when missing, unreadable or larger."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"checkpoint {path} does not exist; pass the path of a model.pt or checkpoint file")
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if size > MAX_WEIGHTS_BYTES:
+            raise BadInputError(_too_big(path, size))
+        return path.read_bytes()
     except OSError as e:
         raise BadInputError(f"checkpoint {path} cannot be read ({e.strerror})") from None
-    return loads_weights_only(data, path)
+
+
+def _too_big(name: str | Path, size: int) -> str:
+    return (
+        f"checkpoint {name} holds {size / 2**20:,.0f} MiB, more than the {MAX_WEIGHTS_BYTES / 2**20:.0f} MiB a "
+        "checkpoint of this net can need (about 0.2 MB); it is not one of this job's files"
+    )
+
+
+def load_weights_only(path: str | Path) -> Any:
+    """torch.load of a file with weights_only=True: tensors and plain containers, never code.
+    A missing, unreadable, oversized, damaged or not weights-only file raises BadInputError."""
+    return loads_weights_only(read_weights_file(path), path)
 
 
 def load_weights(path: str | Path) -> Any:
@@ -94,10 +114,10 @@ def load_weights(path: str | Path) -> Any:
     path = Path(path)
     if path.is_file() and _is_safetensors(path):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            return load_file(path)
+            return load(read_weights_file(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise BadInputError(f"{path} is a damaged safetensors file ({message_line(e)})") from None
     return load_weights_only(path)
@@ -118,6 +138,9 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
     the file's code): an intact archive whose pickle needs a global besides tensors and plain
     containers is "not a weights-only file", naming the global; anything else is damaged.
     """
+    unpacked = _unpacked_size(data)
+    if unpacked > MAX_WEIGHTS_BYTES:
+        raise BadInputError(_too_big(f"{name} (unpacked)", unpacked))
     try:
         with warnings.catch_warnings():  # torch's remarks on a foreign file's pickle protocol: noise here
             warnings.simplefilter("ignore")
@@ -192,6 +215,16 @@ def foreign_globals(data: bytes) -> list[str]:
     except ValueError:  # a pickle cut short: what was read so far still counts
         pass
     return found
+
+
+def _unpacked_size(data: bytes) -> int:
+    """What a torch.save archive's entries declare they unpack to (their sizes in the zip's own
+    directory, read without unpacking); the byte count for anything else."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        return len(data)
 
 
 def _damage(data: bytes, error: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -32,13 +33,13 @@ from job.dist import (
     peer_lost_error,
     read_launch_env,
 )
-from job.errors import BadInputError, ConfigError, PreemptedError
+from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.progress import Progress
 from job.resume import find_resume_source
-from job.run_dir import RunDir
+from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
 from job.seeding import (
     bit_environment,
@@ -51,6 +52,11 @@ from job.seeding import (
 )
 
 log = logging.getLogger(__name__)
+
+_DIVERGED = (
+    "training diverged, most often from a learning rate too high for the batch; start a new run "
+    "(run.name=<new name>) with a lower optim.lr"
+)
 
 FIGURE_DIGITS = 6
 """Test digits drawn with label and prediction, as in the tutorial's figure."""
@@ -160,13 +166,7 @@ class Trainer:
         self.metrics: NullMetrics = NullMetrics()
 
     def fit(self) -> dict[str, Any]:
-        if self.ctx.is_leader:
-            self.metrics = Metrics(self.run, start_step=self.progress.global_step)
-            if self.resumed_from:
-                name, world_size = self.resumed_from
-                self.metrics.resume(
-                    self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
-                )
+        on_some_ranks(self.ctx, self.ctx.is_leader, "opening the metrics", self.open_metrics)
         try:
             result = None
             with StopRequest() as stop:
@@ -180,12 +180,46 @@ class Trainer:
                 log.info(f"All {self.progress.epochs_done} epochs were trained already: writing the final results")
                 result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
             summary = self.summary(result)
-            if self.ctx.is_leader:
-                atomic_save(self.model_state(), self.run.model)
-                atomic_write_json(self.run.summary, summary)
+            on_some_ranks(self.ctx, self.ctx.is_leader, "writing the results", lambda: self.write_results(summary))
             return summary
         finally:
             self.metrics.close()
+
+    def open_metrics(self) -> None:
+        """Rank 0: metrics.jsonl and TensorBoard, picking up where the checkpoint left them."""
+        self.metrics = Metrics(self.run, start_step=self.progress.global_step)
+        if self.resumed_from:
+            name, world_size = self.resumed_from
+            self.metrics.resume(
+                self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
+            )
+
+    def write_results(self, summary: dict[str, Any]) -> None:
+        """Rank 0: model.pt and summary.json. RunFailedError when the weights are not finite or the
+        disk refuses; the checkpoints stay as they are either way."""
+        self.metrics.check()
+        weights = self.finite_model_state()
+        for path, write in ((self.run.model, lambda: atomic_save(weights, self.run.model)),
+                            (self.run.summary, lambda: atomic_write_json(self.run.summary, summary))):  # fmt: skip
+            try:
+                write()
+            except OSError as e:
+                raise RunFailedError(
+                    f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: free space "
+                    "there and run the same command again, which writes the results again"
+                ) from None
+
+    def finite_model_state(self) -> dict[str, torch.Tensor]:
+        """model_state(), or RunFailedError when a weight is NaN or infinite: such weights are never
+        saved, so the newest checkpoint stays the last good one."""
+        weights = self.model_state()
+        broken = [key for key, value in weights.items() if not torch.isfinite(value).all()]
+        if broken:
+            raise RunFailedError(
+                f"the weights became NaN or infinite by step {self.progress.global_step} ({', '.join(broken[:3])}): "
+                f"{_DIVERGED}; nothing was written over the newest checkpoint"
+            )
+        return weights
 
     def train_epoch(self, epoch: int, stop: StopRequest) -> None:
         """The rest of epoch `epoch` (all of it, unless a resume landed inside it)."""
@@ -239,6 +273,11 @@ class Trainer:
         """The tutorial's line with the loss averaged over ranks, and the same figure in the metrics."""
         cfg, ctx = self.cfg, self.ctx
         mean_loss = all_reduce_sum(loss.detach().clone()).item() / ctx.world_size
+        if not math.isfinite(mean_loss):  # the same mean on every rank: all stop here together
+            raise RunFailedError(
+                f"the training loss became {mean_loss} at step {self.progress.global_step} (epoch {epoch}): "
+                f"{_DIVERGED}; the newest checkpoint holds the last good weights"
+            )
         dataset_size = len(self.train_split)
         done = min(batch_idx * cfg.data.global_batch_size, dataset_size)
         bar.clear()
@@ -296,8 +335,11 @@ class Trainer:
         (kept out of the training throughput)."""
         start = time.perf_counter()
         rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
-        state = self.state_dict(rng) if self.ctx.is_leader else {}
-        write = functools.partial(self.run.checkpoints.save, state, self.progress.global_step, self.cfg.checkpoint.keep)
+
+        def write() -> None:
+            self.metrics.check()
+            self.run.checkpoints.save(self.state_dict(rng), self.progress.global_step, self.cfg.checkpoint.keep)
+
         on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
         return time.perf_counter() - start
 
@@ -305,7 +347,7 @@ class Trainer:
         """Everything a resume needs (the checkpoint format: job/checkpoint.py); `rng` holds every
         rank's generator states, in rank order (rank 0 gathers them)."""
         return training_state(
-            model=self.model_state(),
+            model=self.finite_model_state(),
             optimizer=self.optimizer.state_dict(),
             progress=self.progress,
             world_size=self.ctx.world_size,
@@ -412,6 +454,15 @@ def check_compile_toolchain(device: torch.device) -> None:
 
 
 def _train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
+    lock = RunDirLock(RunDir(cfg.run_dir))
+    on_some_ranks(ctx, ctx.is_leader, "locking the run directory", lock.acquire)
+    try:
+        return _train_holding_the_run_dir(cfg, ctx)
+    finally:
+        lock.release()
+
+
+def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
     source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))

@@ -77,7 +77,7 @@ def test_train_limit_keeps_the_first_samples(tiny_root):
 
 
 def test_checksum_mismatch_names_the_file(tiny_root):
-    with pytest.raises(DataError, match=r"checksum mismatch for .*train-images-idx3-ubyte.*delete the file"):
+    with pytest.raises(DataError, match=r"checksum mismatch for .*train-images-idx3-ubyte.*delete it and fetch"):
         data.ensure_mnist(tiny_root, download=False, verify=True)
 
 

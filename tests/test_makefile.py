@@ -41,7 +41,7 @@ def test_train_accelerate_uses_a_config_from_the_repo():
 
 
 def test_model_targets_use_the_run_directory():
-    assert "tensorboard --logdir runs/x/tb --port 6006" in _make("-n", "tensorboard", "RUN=runs/x")
+    assert "tensorboard --logdir_spec x:runs/x/tb --port 6006" in _make("-n", "tensorboard", "RUN=runs/x")
     assert "-m job plot runs/x" in _make("-n", "plot", "RUN=runs/x")
     assert "-m job predict --checkpoint runs/x/model.pt a.png b.jpg" in _make(
         "-n", "predict", "RUN=runs/x", "IMAGES=a.png b.jpg"

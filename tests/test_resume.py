@@ -29,6 +29,7 @@ from helpers import (
 
 from job import data
 from job.checkpoint import check_fields, recipe_digest
+from job.model import state_shapes
 from job.progress import Progress
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
@@ -247,7 +248,7 @@ FORMAT_1_FIXTURE = Path(__file__).parent / "fixtures" / "checkpoint-format1-step
 @pytest.mark.processes
 def test_a_checkpoint_written_before_the_progress_refactor_still_resumes(tiny_root, tmp_path):
     state = torch.load(FORMAT_1_FIXTURE, weights_only=True)
-    check_fields(state, FORMAT_1_FIXTURE)
+    check_fields(state, FORMAT_1_FIXTURE, state_shapes())
     assert Progress.from_dict(state) == Progress(epochs_done=0, batches_done=4, global_step=4, samples_trained=256)
     run_dir = tmp_path / "run"
     start = f"train.resume={FORMAT_1_FIXTURE}"
