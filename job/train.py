@@ -37,6 +37,7 @@ from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.progress import Progress
+from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
@@ -351,6 +352,7 @@ class Trainer:
             "device": self.ctx.device.type,
             "launcher": self.ctx.env.launcher,
             "torch": torch.__version__,
+            "commit": source_commit(),
         }
 
 
