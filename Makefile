@@ -32,7 +32,8 @@ RUN ?= runs/default
 TB_PORT ?= 6006
 IMAGES ?=
 FORMAT ?= safetensors
-OUT ?= $(RUN)/model.$(if $(filter torchscript,$(FORMAT)),torchscript.pt,safetensors)
+# Each format of job/export.py FORMATS, whose suffix is the format's name (tests/test_makefile.py checks).
+OUT ?= $(RUN)/model.$(FORMAT)
 
 # The image: REGISTRY/IMAGE:TAG, built by docker, podman or buildah, whichever works here
 # (a docker client without a daemon does not count).
@@ -147,7 +148,7 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 	@test -n "$(strip $(IMAGES))" || { echo "error: no images to read; pass them as IMAGES='a.png b.jpg'" >&2; exit 2; }
 	$(PY) -m job predict --checkpoint $(RUN)/model.pt $(IMAGES)
 
-export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|torchscript) to OUT
+export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|onnx|pt2) to OUT (docs/USING-THE-MODEL.md)
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
 test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_evaluate)
 
     predict = commands.add_parser("predict", help="read the digit in each image file (PNG, JPEG; any size)")
-    predict.add_argument("--checkpoint", type=expand_path, required=True, help="model.pt or a checkpoint file")
+    weights = predict.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", type=expand_path, help="model.pt or a checkpoint file")
+    weights.add_argument("--model", type=expand_path, help="an onnx file (export --format onnx), run by onnxruntime")
     predict.add_argument("--json", action="store_true", help="one JSON object per line, with all 10 probabilities")
     predict.add_argument("images", type=expand_path, nargs="+", metavar="IMAGE", help="image files, one digit each")
     predict.set_defaults(func=_predict)
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--data-root", type=expand_path, help="MNIST data directory (default: the run's data.root)")
     plot.set_defaults(func=_plot)
 
-    export = commands.add_parser("export", help="write a model as safetensors or TorchScript, for use elsewhere")
+    export = commands.add_parser(
+        "export", help="write a model as safetensors, ONNX or a torch.export program, for use elsewhere"
+    )
     export.add_argument("--checkpoint", type=expand_path, required=True, help="model.pt or a checkpoint file")
     export.add_argument("--format", required=True, choices=tuple(FORMATS), help="file format")
     export.add_argument("--out", type=expand_path, required=True, help="file to write (replaced if it exists)")
@@ -93,7 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from job.predict import run_predict
 
-    failed = run_predict(args.checkpoint, args.images, as_json=args.json)
+    failed = run_predict(args.images, as_json=args.json, checkpoint=args.checkpoint, model=args.model)
     return EXIT_BAD_INPUT if failed else 0
 
 

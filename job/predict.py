@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,9 +173,26 @@ def prepare(path: str | Path) -> torch.Tensor:
     return normalize(torch.from_numpy(digit).unsqueeze(0))
 
 
-def predict_file(model: torch.nn.Module, path: str) -> Prediction:
+Reader = Callable[[torch.Tensor], torch.Tensor]
+"""A digit reader: a normalised batch (N, 1, 28, 28) -> the log-probabilities (N, 10) of the digits."""
+
+
+def checkpoint_reader(checkpoint: str) -> Reader:
+    """The net of job/model.py with a model.pt's or a checkpoint's weights."""
+    return load_model(checkpoint)
+
+
+def onnx_file_reader(path: str) -> Reader:
+    """An exported onnx file, run by onnxruntime: needs no weights or code of the training."""
+    from job.export import onnx_reader
+
+    run = onnx_reader(path)
+    return lambda batch: torch.from_numpy(run(batch.numpy()))
+
+
+def predict_file(read: Reader, path: str) -> Prediction:
     with torch.no_grad():
-        probabilities = model(prepare(path)).exp().squeeze(0)  # the net returns log-probabilities
+        probabilities = read(prepare(path)).exp().squeeze(0)
     digit = int(probabilities.argmax())
     return Prediction(
         file=path,
@@ -184,13 +202,14 @@ def predict_file(model: torch.nn.Module, path: str) -> Prediction:
     )
 
 
-def run_predict(checkpoint: str, images: list[str], as_json: bool) -> int:
-    """Predict every file; unreadable ones get one error line each. Returns how many failed."""
-    model = load_model(checkpoint)
+def run_predict(images: list[str], as_json: bool, checkpoint: str | None = None, model: str | None = None) -> int:
+    """Predict every file with the weights of `checkpoint` or the onnx file `model`; unreadable files
+    get one error line each. Returns how many failed."""
+    read = onnx_file_reader(model) if model is not None else checkpoint_reader(checkpoint)
     failed = 0
     for path in images:
         try:
-            prediction = predict_file(model, path)
+            prediction = predict_file(read, path)
         except ImageFileError as e:
             failed += 1
             print(f"error: {e}", file=sys.stderr, flush=True)

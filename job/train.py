@@ -38,6 +38,7 @@ from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.progress import Progress
+from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
@@ -413,6 +414,7 @@ class Trainer:
             **self.environment,
             "backend": self.ctx.backend,
             "launcher": self.ctx.env.launcher,
+            "commit": source_commit(),
         }
 
 

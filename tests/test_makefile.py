@@ -8,6 +8,8 @@ import subprocess
 import yaml
 from helpers import REPO
 
+from job.export import FORMATS
+
 
 def _make(*args: str) -> str:
     result = subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True)
@@ -46,8 +48,14 @@ def test_model_targets_use_the_run_directory():
     assert "-m job predict --checkpoint runs/x/model.pt a.png b.jpg" in _make(
         "-n", "predict", "RUN=runs/x", "IMAGES=a.png b.jpg"
     )
-    export = _make("-n", "export", "RUN=runs/x", "FORMAT=torchscript")
-    assert "-m job export --checkpoint runs/x/model.pt --format torchscript --out runs/x/model.torchscript.pt" in export
+
+
+def test_export_offers_every_format_with_its_suffix():
+    for fmt, suffix in FORMATS.items():
+        export = _make("-n", "export", "RUN=runs/x", f"FORMAT={fmt}")
+        assert f"-m job export --checkpoint runs/x/model.pt --format {fmt} --out runs/x/model.{suffix}" in export
+    (line,) = [line for line in _make("help").splitlines() if line.split()[:1] == ["export"]]
+    assert f"({'|'.join(FORMATS)})" in line
 
 
 def test_tensorboard_without_a_run_is_one_line(tmp_path):

@@ -172,3 +172,28 @@ def test_predict_refuses_missing_and_corrupt_checkpoints(images, tmp_path):
     corrupt.write_bytes(b"not a checkpoint at all")
     result = run_job(["predict", "--checkpoint", str(corrupt), str(images["png"])])
     assert_one_line_error(result, "truncated or corrupt")
+
+
+def write_onnx_of_another_shape(path: Path) -> None:
+    """A valid onnx model that is no digit reader: (N, 3) -> (N, 3)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+
+
+@pytest.mark.processes
+def test_predict_model_refuses_what_is_not_an_onnx_digit_reader(untrained, images, tmp_path):
+    """--model takes an onnx file (export --format onnx); test_real_mnist.py reads real digits with one."""
+    png, model_pt = str(images["png"]), str(untrained / "model.pt")
+    both = run_job(["predict", "--checkpoint", model_pt, "--model", str(tmp_path / "m.onnx"), png])
+    assert_one_line_error(both, "--model: not allowed with argument --checkpoint")
+    not_onnx = run_job(["predict", "--model", model_pt, png])
+    assert_one_line_error(not_onnx, f"model {model_pt} is not an onnx model onnxruntime can load")
+    other = tmp_path / "identity.onnx"
+    write_onnx_of_another_shape(other)
+    result = run_job(["predict", "--model", str(other), png])
+    assert_one_line_error(result, f"model {other} is not a digit reader", "not float (N, 1, 28, 28) -> (N, 10)")
