@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,8 @@ class Metrics(NullMetrics):
                 kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
                 atomic_write_text(path, "".join(kept))
             self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self._previous_excepthook = threading.excepthook
+            threading.excepthook = self._quiet_event_writer
             self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
         except OSError as e:
             raise RunFailedError(
@@ -130,12 +133,22 @@ class Metrics(NullMetrics):
             raise self.failure
 
     def close(self) -> None:
-        """Flushes and closes both files; a failure now loses the last events, not the run: a warning."""
+        """Flushes and closes both files; a failure now loses the last events, not the run: a warning
+        (unless a failure was already reported)."""
         for sink in (self._jsonl, self._tb):
             try:
                 sink.close()
             except OSError as e:
-                log.warning(f"the last metrics in {self.run.path} were not written ({e.strerror or message_line(e)})")
+                if self.failure is None:
+                    why = e.strerror or message_line(e)
+                    log.warning(f"the last metrics in {self.run.path} were not written ({why})")
+        threading.excepthook = self._previous_excepthook
+
+    def _quiet_event_writer(self, args: threading.ExceptHookArgs) -> None:
+        """TensorBoard writes events in a thread, which dies with a traceback on a full disk and
+        hands the error to the next call, where _guarded reports it in one line: not twice."""
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            self._previous_excepthook(args)
 
 
 def _step_of(line: str) -> float:

@@ -145,12 +145,17 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_read(untrained, im
     blank = tmp_path / "blank.png"
     Image.new("RGB", (64, 64), "white").save(blank)
     missing = tmp_path / "missing.png"
+    not_a_number = tmp_path / "nan.tiff"  # float TIFFs can hold pixels that are no grey level
+    pixels = np.zeros((28, 28), np.float32)
+    pixels[4:24, 12:16], pixels[0, 0] = 1.0, np.nan
+    Image.fromarray(pixels, mode="F").save(not_a_number)
     bad = {
         not_an_image: "is not an image Pillow can read",
         truncated: "is damaged or unreadable",
         blank: "one flat colour",
         missing: "does not exist",
         tmp_path: "is a directory",
+        not_a_number: "1 pixel(s) are NaN or infinite",
     }
     args = ["predict", "--checkpoint", str(untrained / "model.pt"), "--json", str(images["png"])]
     result = run_job([*args, *map(str, bad), str(images["jpeg"])])

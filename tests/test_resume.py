@@ -288,3 +288,20 @@ def test_a_resume_that_changes_what_the_bits_depend_on_says_so(tiny_root, tmp_pa
     assert "written with threads_per_rank=2 under threads_per_rank=1" in resumed.stderr
     summary = read_summary(run_dir)
     assert summary["threads_per_rank"] == 1 and summary["torch"] == torch.__version__ and summary["device"] == "cpu"
+
+
+@pytest.mark.processes
+def test_a_newest_checkpoint_of_the_wrong_shape_falls_back_to_the_one_before(reference, tiny_root, tmp_path):
+    """Loadable but wrong: torch.load reads it, load_state_dict would not. The choice of the newest
+    valid checkpoint checks shapes and every field the resume reads."""
+    run_dir = killed_copy(reference, tmp_path / "run", last_step=16)
+    newest = checkpoint(run_dir, 16)
+    state = torch.load(newest, weights_only=True)
+    state["model"]["conv1.weight"] = torch.zeros(20, 1, 5, 5)
+    torch.save(state, newest)
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
+    assert_ok(result)
+    assert "skipping checkpoint step-000000016.pt" in result.stderr
+    assert "model conv1.weight has shape (20, 1, 5, 5), the net's is (10, 1, 5, 5)" in result.stderr
+    assert f"Resuming from {checkpoint(run_dir, 15)}" in result.stdout
+    assert_same_weights(run_dir, reference)
