@@ -134,3 +134,10 @@ def test_slurm_targets_without_a_job_say_so_in_one_line():
     )
     assert result.returncode != 0
     assert "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" in result.stderr
+
+
+def test_gpu_check_needs_no_setup_and_runs_on_the_hosts_python_without_the_venv():
+    """The lent GPU machine has its own python and torch, no network and no .venv."""
+    assert "tests/tools/gpu_check.py --allow-cpu" in _make("-n", "gpu-check", "ALLOW_CPU=1")
+    command = _make("-n", "gpu-check", "VENV=/nonexistent", "GPU_CHECK_ARGS=--data mnist-gz")
+    assert command.split() == ["python3", "tests/tools/gpu_check.py", "--data", "mnist-gz"]
