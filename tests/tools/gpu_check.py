@@ -793,9 +793,10 @@ def environment(device: str) -> dict[str, str]:
     if torch.version.cuda:
         info["cuDNN"] = str(torch.backends.cudnn.version())
         try:
-            info["NCCL"] = ".".join(map(str, torch.cuda.nccl.version()))
-        except (RuntimeError, AttributeError) as e:
-            info["NCCL"] = f"unknown ({e})"
+            version = torch.cuda.nccl.version()  # a tuple; an int in older torch
+            info["NCCL"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+        except Exception as e:  # a build without NCCL: say so, the steps will tell the rest
+            info["NCCL"] = f"unknown ({type(e).__name__}: {e})"
     info["driver"] = driver()
     if torch.cuda.is_available() and torch.cuda.device_count():
         props = torch.cuda.get_device_properties(0)
