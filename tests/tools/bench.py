@@ -14,7 +14,11 @@ round so that load from elsewhere on the machine lands on all of them alike:
   (d) data path  the job's training batches for one epoch with no model: batches per second
 
 GPU (`make bench-gpu`, one CUDA device, W=1): the tutorial, the job twice (are the weights
-bit-identical?), and the job with each speed.* switch.
+bit-identical?), and the job with each speed.* switch. Every row must have run on CUDA (the
+tutorial's output and the job's summary.json name the device); a row that fails or ran elsewhere
+is marked FAILED in the table, the others are kept. Besides the epoch's samples/s, a job row
+shows its steady speed (the median step) and its warm-up: the seconds the first steps took beyond
+steady ones, which is where speed.compile pays its compilation.
 
 --profile runs the job itself (1 process, 200 steps) under torch.profiler and prints where
 the time goes, op by op: what docs/PERFORMANCE.md's analysis starts from.
@@ -22,13 +26,14 @@ the time goes, op by op: what docs/PERFORMANCE.md's analysis starts from.
 Training figures are samples/s over the training loop only (no start-up, evaluation or
 checkpoint writes: the job's summary.json `train_samples_per_second`). The results replace
 the part of --out between its bench markers, with the machine they were measured on.
-Exit status 1 when a CPU target is missed.
+Exit status 1 when a CPU target is missed, or a GPU row failed or the job's reruns differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -44,6 +49,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+GPU_DEVICE = "cuda"
+"""What every --gpu row's summary must name as its device: a row that ran elsewhere is a failure."""
 SWITCHES = ["speed.bf16=true", "speed.channels_last=true", "speed.compile=true", "speed.data_on_device=true"]
 
 
@@ -63,7 +70,10 @@ def main() -> int:
     if args.gpu and not torch.cuda.is_available():
         sys.exit("bench: --gpu needs a CUDA device and torch sees none (check nvidia-smi and the driver)")
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
-        report, met = (gpu_bench if args.gpu else cpu_bench)(args, Path(work))
+        try:
+            report, met = (gpu_bench if args.gpu else cpu_bench)(args, Path(work))
+        except RunFailed as e:  # the CPU table's ratios need every run
+            sys.exit(f"bench: {e}")
     report = f"{report}\n\nMachine: {machine(args.gpu)}.\n"
     print("\n" + report)
     if str(args.out) != "-":
@@ -107,13 +117,20 @@ def data_path(args: argparse.Namespace, work: Path) -> dict:
     return json.loads(run([sys.executable, "-c", code], work, dict(os.environ)).strip().splitlines()[-1])
 
 
+class RunFailed(Exception):
+    """A measured run exited non-zero: its command, exit status and last lines."""
+
+    def __init__(self, cmd: list[str], code: int, output: str) -> None:
+        self.code, self.tail = code, output.strip().splitlines()[-5:] or ["(no output)"]
+        super().__init__(f"{' '.join(cmd[:5])} ... failed (exit {code}):\n" + "\n".join(self.tail))
+
+
 def run(cmd: list[str], work: Path, env: dict[str, str]) -> str:
     work.mkdir(parents=True)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     (work / "log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-5:])
-        sys.exit(f"bench: {' '.join(cmd[:5])} ... failed (exit {result.returncode}):\n{tail}")
+        raise RunFailed(cmd, result.returncode, result.stdout + result.stderr)
     return result.stdout
 
 
@@ -179,27 +196,73 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
 
 
 def gpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
-    rows = []
-    tut = tutorial(args, work / "tutorial", device="cuda")
-    rows.append(("tutorial loop", tut, ""))
-    first, second = job(args, work / "job1"), job(args, work / "job2")
-    same = identical(first["run_dir"] / "model.pt", second["run_dir"] / "model.pt")
-    rows.append(("job", first, f"two runs bit-identical: {'yes' if same else 'NO'}"))
+    """Each row measured on its own: a row that fails, or that ran anywhere but on CUDA, is a
+    failure in the table (and the exit status), and the rows around it are kept."""
+    rows: list[tuple[str, dict | None, str]] = []
+    same = False
+    runs: list[tuple[str, Callable[[], dict]]] = [
+        ("tutorial loop", lambda: tutorial(args, work / "tutorial", device="cuda")),
+        ("job", lambda: job(args, work / "job1")),
+        ("job, again", lambda: job(args, work / "job2")),
+    ]
     for switch in [*SWITCHES, "speed.channels_last=true speed.compile=true speed.data_on_device=true"]:
-        result = job(args, work / switch.replace(" ", "+"), extra=tuple(switch.split()))
-        rows.append((f"job {switch}", result, ""))
-    for label, result, note in rows:
-        print(f"{label}: {result['train_samples_per_second']:,.0f} samples/s {note}", flush=True)
+        runs.append(
+            (f"job {switch}", functools.partial(job, args, work / switch.replace(" ", "+"), 1, tuple(switch.split())))
+        )
+    for label, measure in runs:
+        try:
+            result = measure()
+        except RunFailed as e:
+            rows.append((label, None, f"FAILED (exit {e.code}): {e.tail[-1].strip()}"))
+            print(f"{label}: {e}", flush=True)
+            continue
+        note = ""
+        if result.get("device") != GPU_DEVICE:
+            result, note = None, f"FAILED: ran on {result.get('device')!r}, not {GPU_DEVICE}"
+        elif label == "job, again" and rows[1][1] is not None:
+            same = identical(rows[1][1]["run_dir"] / "model.pt", result["run_dir"] / "model.pt")
+            note = f"bit-identical to the first: {'yes' if same else 'NO'}"
+        rows.append((label, result, note))
+        shown = f"{result['train_samples_per_second']:,.0f} samples/s" if result else ""
+        print(f"{label}: {shown} {note}", flush=True)
     lines = [
-        "One CUDA device, W=1, 1 epoch of the seed recipe; epoch seconds over the training loop only.",
+        "One CUDA device, W=1, 1 epoch of the seed recipe. samples/s: over the epoch's training loop; "
+        "steady: from the median step (timed between the steps logged every 10); warm-up: what the loop "
+        "took beyond that many steady steps (compilation with speed.compile, cuDNN and cuBLAS set-up, "
+        "first allocations).",
         "",
-        "| run | samples/s | s/epoch | test accuracy | |",
-        "| --- | ---: | ---: | ---: | --- |",
+        "| run | samples/s | steady samples/s | warm-up s | s/epoch | test accuracy | |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for label, result, note in rows:
+        if result is None:
+            lines.append(f"| {label} | | | | | | {note} |")
+            continue
         speed = result["train_samples_per_second"]
-        lines.append(f"| {label} | {speed:,.0f} | {60000 / speed:.2f} | {result['test_accuracy']:.2%} | {note} |")
-    return "\n".join(lines), same
+        timing = step_times(result)
+        steady, warm_up = (f"{64 / timing[0]:,.0f}", f"{timing[1]:.2f}") if timing else ("", "")
+        lines.append(
+            f"| {label} | {speed:,.0f} | {steady} | {warm_up} | {60000 / speed:.2f} | {result['test_accuracy']:.2%} "
+            f"| {note} |"
+        )
+    met = same and all(result is not None for _, result, _ in rows)
+    return "\n".join(lines), met
+
+
+def step_times(result: dict) -> tuple[float, float] | None:
+    """A job run's (steady seconds per step, warm-up seconds), from its metrics.jsonl: the median
+    time per step between consecutive logged steps, and the training loop's seconds beyond that
+    many steady steps. None for a run without a run directory (the tutorial) or too few logs."""
+    metrics = result.get("run_dir") and result["run_dir"] / "metrics.jsonl"
+    if not metrics or not metrics.exists():
+        return None
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    logged = [(e["step"], e["time"]) for e in events if e["event"] == "train"]
+    per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(logged, logged[1:], strict=False) if s1 > s0]
+    if len(per_step) < 3:
+        return None
+    steady = statistics.median(per_step)
+    return steady, max(0.0, result["train_seconds"] - result["global_step"] * steady)
 
 
 def identical(a: Path, b: Path) -> bool:

@@ -7,7 +7,8 @@ run per sample; a DataLoader (batch 64, shuffled, no workers) collates them; the
 SGD (lr 0.01, momentum 0.5), the log every 10 batches, the test pass (batch 1000) and, on
 CUDA, one loader worker with pinned memory are the tutorial's. Nothing here comes from
 the job package, so the job's speed-ups cannot leak into the reference. Prints one JSON
-line: training samples/s over the training loop only, and the test accuracy.
+line: training samples/s over the training loop only, the test accuracy, and the device the
+model trained on.
 """
 
 from __future__ import annotations
@@ -92,7 +93,17 @@ def main() -> None:
         seconds += time.perf_counter() - start
     accuracy = test(model, device, test_loader)
     samples = args.epochs * len(train_set)
-    print(json.dumps({"train_samples_per_second": samples / seconds, "test_accuracy": accuracy, "seconds": seconds}))
+    device_used = next(model.parameters()).device.type
+    print(
+        json.dumps(
+            {
+                "train_samples_per_second": samples / seconds,
+                "test_accuracy": accuracy,
+                "seconds": seconds,
+                "device": device_used,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
