@@ -87,7 +87,7 @@ def fetch_mnist(root: str | Path) -> str:
                 fetch(Path(tmp))
                 for filename in SHA256:
                     _check_sha256(Path(tmp) / filename)
-            except (OSError, RuntimeError, subprocess.SubprocessError, tarfile.TarError, DataError) as e:
+            except (OSError, ImportError, RuntimeError, subprocess.SubprocessError, tarfile.TarError, DataError) as e:
                 failures.append(f"{name}: {message_line(e, last=True)}")
                 continue
             for filename in SHA256:

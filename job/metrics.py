@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 from job.errors import RunFailedError, message_line
 from job.run_dir import RunDir
@@ -170,4 +169,19 @@ def digit_grid(pixels: torch.Tensor, labels: torch.Tensor, predictions: torch.Te
         tile.paste(Image.eval(digit.resize((size, size), Image.NEAREST), lambda p: 255 - p), (0, 0))
         ImageDraw.Draw(tile).text((4, size + 1), f"truth {label} pred {pred}", fill=0)
         tiles.append(torch.frombuffer(bytearray(tile.tobytes()), dtype=torch.uint8).view(1, tile.height, tile.width))
-    return make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=128)  # 1 channel -> 3
+    return _grid(tiles, columns=3, padding=2, pad_value=128)
+
+
+def _grid(tiles: list[torch.Tensor], columns: int, padding: int, pad_value: int) -> torch.Tensor:
+    """Equal-sized (1, H, W) tiles in rows of `columns`, `padding` pixels of `pad_value` around and
+    between them, as an RGB (3, H', W') image (what torchvision's make_grid draws; the job does not
+    need torchvision to train)."""
+    _, height, width = tiles[0].shape
+    rows = -(-len(tiles) // columns)
+    grid = torch.full(
+        (1, rows * (height + padding) + padding, columns * (width + padding) + padding), pad_value, dtype=torch.uint8
+    )
+    for i, tile in enumerate(tiles):
+        top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
+        grid[:, top : top + height, left : left + width] = tile
+    return grid.expand(3, -1, -1).contiguous()

@@ -75,3 +75,15 @@ def test_confusion_matrix_counts_true_against_predicted():
     counts = confusion_matrix(labels, predictions)
     assert counts[0, 0] == 1 and counts[0, 1] == 1 and counts[1, 1] == 1 and counts[9, 9] == 2 and counts[9, 4] == 1
     assert counts.sum() == 6
+
+
+def test_tensorboards_digit_figure_is_what_torchvision_would_draw():
+    """The job tiles the figure itself, so training needs no torchvision (a GPU host's python may lack it)."""
+    from torchvision.utils import make_grid
+
+    from job.metrics import _grid
+
+    for count in (6, 5):
+        tiles = [torch.randint(0, 256, (1, 126, 112), dtype=torch.uint8) for _ in range(count)]
+        expected = make_grid(torch.stack(tiles), nrow=3, padding=2, pad_value=128)
+        assert torch.equal(_grid(tiles, columns=3, padding=2, pad_value=128), expected)
