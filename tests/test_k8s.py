@@ -230,7 +230,9 @@ def test_rendezvous_is_pod_0_of_the_job_under_the_headless_service(path):
     assert "namespace" not in job["metadata"] and "namespace" not in service["metadata"]
     assert job["spec"]["completionMode"] == "Indexed"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
-    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    pods, look_alike = trainer_pods(docs)
+    assert selects({"matchLabels": service["spec"]["selector"]}, pods)
+    assert not selects({"matchLabels": service["spec"]["selector"]}, look_alike), "the Job's own pods only"
     assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
     assert flags["rdzv-backend"] == "c10d"
     # Pod 0 hosts the store (decided by the completion index, not by a DNS guess).
@@ -286,18 +288,73 @@ def test_failure_policy_exit_codes_are_the_jobs(path):
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 30
 
 
-@pytest.mark.parametrize("path", [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)])
-def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
-    docs = render(path)
+# The label each controller puts on the pods it creates, valued with the name of the object
+# it creates them for; no pod of the namespace carries it unless that controller made it
+# for this job (or someone sets it by hand). Sources: Kubernetes
+# staging/src/k8s.io/api/batch/v1/types.go (JobNameLabel); Training Operator
+# pkg/controller.v1/common/job_controller.go GenLabels, used by createNewPod in pod.go;
+# JobSet pkg/controllers/jobset_controller.go labelAndAnnotateObject (on each child Job's
+# pod template), with Trainer pkg/runtime/framework/plugins/jobset/jobset.go naming the
+# JobSet after the TrainJob.
+JOB_NAME_LABEL = {
+    "Job": "batch.kubernetes.io/job-name",
+    "PyTorchJob": "training.kubeflow.org/job-name",
+    "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+}
+VARIANTS = [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)]
+DNS_RULE = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+
+
+def trainer_pods(docs: tuple[dict, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels the job's training pods run with (the template's, and the controller's
+    job-name label), and those of another pod of the namespace that copies the others."""
+    (owner,) = [d for d in docs if d["kind"] in JOB_NAME_LABEL]
     ((template, _),) = pod_templates(docs)
-    policy = one(docs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    assert policy["policyTypes"] == ["Ingress"]
+    label, name = JOB_NAME_LABEL[owner["kind"]], owner["metadata"]["name"]
+    labels = template["metadata"]["labels"]
+    # A template may say it (the Job's does), but only with the value the controller sets.
+    assert labels.get(label, name) == name
+    return {**labels, label: name}, {k: v for k, v in labels.items() if k != label}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def trainer_policy(docs: tuple[dict, ...]) -> dict:
+    return one(docs, "NetworkPolicy", "mnist-ddp")["spec"]
+
+
+@pytest.mark.parametrize("path", VARIANTS)
+def test_the_network_policy_selects_the_jobs_own_pods_by_the_jobs_name(path):
+    docs = render(path)
+    pods, look_alike = trainer_pods(docs)
+    policy = trainer_policy(docs)
     (rule,) = policy["ingress"]
     (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
+    for selector in (policy["podSelector"], peer["podSelector"]):
+        assert selects(selector, pods) and not selects(selector, look_alike), selector
+    (own, _dns) = policy["egress"]
+    (own_peer,) = own["to"]
+    assert peer == own_peer == {"podSelector": policy["podSelector"]}
     # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
-    assert "ports" not in rule
+    assert "ports" not in rule and "ports" not in own
+
+
+@pytest.mark.parametrize("path", VARIANTS)
+def test_the_trainers_reach_only_cluster_dns_and_each_other(path):
+    policy = trainer_policy(render(path))
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert policy["egress"] == [{"to": [{"podSelector": policy["podSelector"]}]}, DNS_RULE]
 
 
 def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
