@@ -9,6 +9,7 @@ lint_venv fixtures build with make when a test here is selected.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import subprocess
@@ -355,6 +356,27 @@ def test_the_trainers_reach_only_cluster_dns_and_each_other(path):
     policy = trainer_policy(render(path))
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
     assert policy["egress"] == [{"to": [{"podSelector": policy["podSelector"]}]}, DNS_RULE]
+
+
+def test_the_fetch_mnist_component_adds_https_out_but_not_to_metadata_or_cluster_addresses(tmp_path):
+    docs = render_with_component("fetch-mnist", tmp_path)
+    policy = trainer_policy(docs)
+    *kept, https = policy["egress"]
+    assert kept == trainer_policy(render("k8s/overlays/cpu"))["egress"]
+    assert https["ports"] == [{"protocol": "TCP", "port": 443}]
+    ((peer_kind, block),) = [item for peer in https["to"] for item in peer.items()]
+    assert peer_kind == "ipBlock" and block["cidr"] == "0.0.0.0/0"
+    excepted = [ipaddress.ip_network(cidr) for cidr in block["except"]]
+    # Link-local (the clouds' metadata service, NodeLocal DNSCache), the private ranges where
+    # pods, Services and nodes are on most clusters, shared address space (some clusters'
+    # pods; Alibaba Cloud's metadata service).
+    for cidr in ["169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]:
+        assert any(ipaddress.ip_network(cidr).subnet_of(net) for net in excepted), cidr
+    # ...and nothing of the public internet (registry.npmjs.org, the torchvision mirror's S3).
+    assert all(net.is_private or net.subnet_of(ipaddress.ip_network("100.64.0.0/10")) for net in excepted)
+    for version in (OLDEST, NEWEST):
+        result = validate([one(docs, "NetworkPolicy", "mnist-ddp")], version, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
