@@ -379,6 +379,16 @@ def test_the_fetch_mnist_component_adds_https_out_but_not_to_metadata_or_cluster
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_tensorboard_admits_nothing_and_reaches_nothing():
+    docs = render("k8s/tensorboard")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    deployment = one(docs, "Deployment")["spec"]
+    assert policy["podSelector"] == deployment["selector"]
+    assert selects(policy["podSelector"], deployment["template"]["metadata"]["labels"])
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert not policy.get("ingress") and not policy.get("egress")
+
+
 def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
     """Every training pod template in a render, with the name of its training container."""
     templates = []
