@@ -389,11 +389,29 @@ def test_tensorboard_admits_nothing_and_reaches_nothing():
     assert not policy.get("ingress") and not policy.get("egress")
 
 
+@pytest.mark.parametrize("path", [*VARIANTS, "k8s/tensorboard"])
+def test_no_pod_mounts_a_service_account_token(path):
+    docs = render(path)
+    templates = pod_templates(docs)
+    assert templates
+    for template, _ in templates:
+        pod = template["spec"]
+        # The pod's own setting wins; without one, its service account's applies (a TrainJob's
+        # runtimePatches can name an account but cannot set the field).
+        if "automountServiceAccountToken" in pod:
+            assert pod["automountServiceAccountToken"] is False
+        else:
+            account = one(docs, "ServiceAccount", pod.get("serviceAccountName", "default"))
+            assert account["automountServiceAccountToken"] is False
+
+
 def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
-    """Every training pod template in a render, with the name of its training container."""
+    """Every pod template in a render, with the name of its main container."""
     templates = []
     for d in docs:
-        if d["kind"] == "Job":
+        if d["kind"] == "Deployment":
+            templates.append((d["spec"]["template"], d["spec"]["template"]["spec"]["containers"][0]["name"]))
+        elif d["kind"] == "Job":
             templates.append((d["spec"]["template"], "trainer"))
         elif d["kind"] == "PyTorchJob":
             templates.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"], "pytorch"))
