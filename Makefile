@@ -240,7 +240,7 @@ k8s-tensorboard: $(K8S_STAMP) ## TensorBoard on the cluster's run volume, on loc
 
 delete: $(K8S_STAMP) ## delete the job, its pods, Service, ConfigMaps, TensorBoard; the run volume stays (PURGE=1: it too)
 	$(KUBECTL_NS) delete $(K8S_KIND) mnist-ddp --ignore-not-found
-	$(KUBECTL_NS) delete service,networkpolicy,configmap,deployment -l app.kubernetes.io/part-of=mnist-ddp --ignore-not-found
+	$(KUBECTL_NS) delete service,networkpolicy,configmap,deployment,serviceaccount -l app.kubernetes.io/part-of=mnist-ddp --ignore-not-found
 	$(if $(filter 1,$(PURGE)),$(KUBECTL_NS) delete pvc mnist-ddp-runs --ignore-not-found)
 
 # Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); .venv-k8s's kubectl renders.

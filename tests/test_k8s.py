@@ -9,6 +9,7 @@ lint_venv fixtures build with make when a test here is selected.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import subprocess
@@ -230,7 +231,9 @@ def test_rendezvous_is_pod_0_of_the_job_under_the_headless_service(path):
     assert "namespace" not in job["metadata"] and "namespace" not in service["metadata"]
     assert job["spec"]["completionMode"] == "Indexed"
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
-    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    pods, look_alike = trainer_pods(docs)
+    assert selects({"matchLabels": service["spec"]["selector"]}, pods)
+    assert not selects({"matchLabels": service["spec"]["selector"]}, look_alike), "the Job's own pods only"
     assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
     assert flags["rdzv-backend"] == "c10d"
     # Pod 0 hosts the store (decided by the completion index, not by a DNS guess).
@@ -286,25 +289,129 @@ def test_failure_policy_exit_codes_are_the_jobs(path):
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > 30
 
 
-@pytest.mark.parametrize("path", [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)])
-def test_the_network_policy_admits_exactly_the_jobs_pods_on_every_port(path):
-    docs = render(path)
+# The label each controller puts on the pods it creates, valued with the name of the object
+# it creates them for; no pod of the namespace carries it unless that controller made it
+# for this job (or someone sets it by hand). Sources: Kubernetes
+# staging/src/k8s.io/api/batch/v1/types.go (JobNameLabel); Training Operator
+# pkg/controller.v1/common/job_controller.go GenLabels, used by createNewPod in pod.go;
+# JobSet pkg/controllers/jobset_controller.go labelAndAnnotateObject (on each child Job's
+# pod template), with Trainer pkg/runtime/framework/plugins/jobset/jobset.go naming the
+# JobSet after the TrainJob.
+JOB_NAME_LABEL = {
+    "Job": "batch.kubernetes.io/job-name",
+    "PyTorchJob": "training.kubeflow.org/job-name",
+    "TrainJob": "jobset.sigs.k8s.io/jobset-name",
+}
+VARIANTS = [*JOB_OVERLAYS, *(path for path, _ in KUBEFLOW)]
+DNS_RULE = {
+    "to": [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+
+
+def trainer_pods(docs: tuple[dict, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels the job's training pods run with (the template's, and the controller's
+    job-name label), and those of another pod of the namespace that copies the others."""
+    (owner,) = [d for d in docs if d["kind"] in JOB_NAME_LABEL]
     ((template, _),) = pod_templates(docs)
-    policy = one(docs, "NetworkPolicy")["spec"]
-    assert policy["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
-    assert policy["policyTypes"] == ["Ingress"]
+    label, name = JOB_NAME_LABEL[owner["kind"]], owner["metadata"]["name"]
+    labels = template["metadata"]["labels"]
+    # A template may say it (the Job's does), but only with the value the controller sets.
+    assert labels.get(label, name) == name
+    return {**labels, label: name}, {k: v for k, v in labels.items() if k != label}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) == {"matchLabels"}, selector
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def trainer_policy(docs: tuple[dict, ...]) -> dict:
+    return one(docs, "NetworkPolicy", "mnist-ddp")["spec"]
+
+
+@pytest.mark.parametrize("path", VARIANTS)
+def test_the_network_policy_selects_the_jobs_own_pods_by_the_jobs_name(path):
+    docs = render(path)
+    pods, look_alike = trainer_pods(docs)
+    policy = trainer_policy(docs)
     (rule,) = policy["ingress"]
     (peer,) = rule["from"]
-    assert peer["podSelector"]["matchLabels"] == policy["podSelector"]["matchLabels"]
+    for selector in (policy["podSelector"], peer["podSelector"]):
+        assert selects(selector, pods) and not selects(selector, look_alike), selector
+    (own, _dns) = policy["egress"]
+    (own_peer,) = own["to"]
+    assert peer == own_peer == {"podSelector": policy["podSelector"]}
     # No port list: the rendezvous port, the workers' store and gloo/NCCL use ephemeral ports.
-    assert "ports" not in rule
+    assert "ports" not in rule and "ports" not in own
+
+
+@pytest.mark.parametrize("path", VARIANTS)
+def test_the_trainers_reach_only_cluster_dns_and_each_other(path):
+    policy = trainer_policy(render(path))
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert policy["egress"] == [{"to": [{"podSelector": policy["podSelector"]}]}, DNS_RULE]
+
+
+def test_the_fetch_mnist_component_adds_https_out_but_not_to_metadata_or_cluster_addresses(tmp_path):
+    docs = render_with_component("fetch-mnist", tmp_path)
+    policy = trainer_policy(docs)
+    *kept, https = policy["egress"]
+    assert kept == trainer_policy(render("k8s/overlays/cpu"))["egress"]
+    assert https["ports"] == [{"protocol": "TCP", "port": 443}]
+    ((peer_kind, block),) = [item for peer in https["to"] for item in peer.items()]
+    assert peer_kind == "ipBlock" and block["cidr"] == "0.0.0.0/0"
+    excepted = [ipaddress.ip_network(cidr) for cidr in block["except"]]
+    # Link-local (the clouds' metadata service, NodeLocal DNSCache), the private ranges where
+    # pods, Services and nodes are on most clusters, shared address space (some clusters'
+    # pods; Alibaba Cloud's metadata service).
+    for cidr in ["169.254.0.0/16", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"]:
+        assert any(ipaddress.ip_network(cidr).subnet_of(net) for net in excepted), cidr
+    # ...and nothing of the public internet (registry.npmjs.org, the torchvision mirror's S3).
+    assert all(net.is_private or net.subnet_of(ipaddress.ip_network("100.64.0.0/10")) for net in excepted)
+    for version in (OLDEST, NEWEST):
+        result = validate([one(docs, "NetworkPolicy", "mnist-ddp")], version, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tensorboard_admits_nothing_and_reaches_nothing():
+    docs = render("k8s/tensorboard")
+    policy = one(docs, "NetworkPolicy")["spec"]
+    deployment = one(docs, "Deployment")["spec"]
+    assert policy["podSelector"] == deployment["selector"]
+    assert selects(policy["podSelector"], deployment["template"]["metadata"]["labels"])
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    assert not policy.get("ingress") and not policy.get("egress")
+
+
+@pytest.mark.parametrize("path", [*VARIANTS, "k8s/tensorboard"])
+def test_no_pod_mounts_a_service_account_token(path):
+    docs = render(path)
+    templates = pod_templates(docs)
+    assert templates
+    for template, _ in templates:
+        pod = template["spec"]
+        # The pod's own setting wins; without one, its service account's applies (a TrainJob's
+        # runtimePatches can name an account but cannot set the field).
+        if "automountServiceAccountToken" in pod:
+            assert pod["automountServiceAccountToken"] is False
+        else:
+            account = one(docs, "ServiceAccount", pod.get("serviceAccountName", "default"))
+            assert account["automountServiceAccountToken"] is False
 
 
 def pod_templates(docs: tuple[dict, ...]) -> list[tuple[dict, str]]:
-    """Every training pod template in a render, with the name of its training container."""
+    """Every pod template in a render, with the name of its main container."""
     templates = []
     for d in docs:
-        if d["kind"] == "Job":
+        if d["kind"] == "Deployment":
+            templates.append((d["spec"]["template"], d["spec"]["template"]["spec"]["containers"][0]["name"]))
+        elif d["kind"] == "Job":
             templates.append((d["spec"]["template"], "trainer"))
         elif d["kind"] == "PyTorchJob":
             templates.append((d["spec"]["pytorchReplicaSpecs"]["Worker"]["template"], "pytorch"))
