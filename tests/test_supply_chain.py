@@ -235,6 +235,11 @@ def test_every_pip_install_checks_hashes():
             assert " -c " not in line, line
 
 
+def test_the_install_commands_the_job_advises_check_hashes_too():
+    hints = [m for path in (REPO / "job").rglob("*.py") for m in re.findall(r"pip install[^\"'`]*", path.read_text())]
+    assert hints and all("--require-hashes -r requirements.lock" in hint for hint in hints), hints
+
+
 def test_the_image_base_is_pinned_by_digest_and_the_final_stage_has_no_installer():
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)[1]
