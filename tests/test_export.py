@@ -137,7 +137,8 @@ def test_a_missing_export_extra_is_one_line_naming_the_install_command(run, tmp_
     with pytest.raises(BadInputError, match=re.escape("--format onnx needs onnxscript, not installed: pip install")):
         run_export(str(run / "model.pt"), "onnx", str(tmp_path / "m.onnx"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(BadInputError, match=re.escape("needs onnxruntime, not installed: pip install -c constraints")):
+    hashed_install = "needs onnxruntime, not installed: pip install --require-hashes -r requirements.lock"
+    with pytest.raises(BadInputError, match=re.escape(hashed_install)):
         onnx_reader(tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
 

@@ -1,9 +1,10 @@
 """The image, built from docker/Dockerfile and run as a cluster runs it: read-only, non-root, no network.
 
 Registries cannot be pulled here, so the base is Debian bookworm from debootstrap, standing in
-for debian:bookworm-slim; the pinned wheels come from this machine (`pip download`) through a
-local wheelhouse instead of GBs from PyPI: the same Dockerfile, the same pins, the CUDA build of
-torch (which runs on the CPU when there is no GPU).
+for debian:bookworm-slim and pinned by its digest as that one is; the locked wheels come from this
+machine (`pip download` of docker/requirements.lock, hashes checked) through a local wheelhouse
+instead of GBs from PyPI: the same Dockerfile, the same pins, the CUDA build of torch (which runs
+on the CPU when there is no GPU).
 
 Needs root with buildah, podman, runc and debootstrap (`.ci/run` installs them), about 20 GB
 of free disk and 7 GB of free RAM while it builds. `make image-test` runs it; `make test` leaves it out (marker
@@ -125,17 +126,17 @@ def base_image(containers: Containers) -> str:
     tar.wait()
     assert imported.returncode == 0 and tar.returncode == 0, imported.stderr
     shutil.rmtree(rootfs)
-    return BASE
+    # By digest, as the Dockerfile's default base is: the build must resolve that form.
+    return f"{BASE}@{containers.podman('image', 'inspect', '--format', '{{.Digest}}', BASE).stdout.strip()}"
 
 
 @pytest.fixture(scope="module")
 def wheelhouse_url() -> Iterator[str]:
-    """The pinned wheels for the image's Python (3.11, the host's platform), served on loopback."""
-    dependencies = _project()["dependencies"]
+    """The locked wheels for the image's Python (3.11, the host's platform), served on loopback."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--dest", str(WHEELHOUSE),
          "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-         "-c", str(REPO / "constraints.txt"), *dependencies],
+         "--require-hashes", "-r", str(REPO / "docker" / "requirements.lock")],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -194,6 +195,13 @@ def test_the_image_declares_its_user_entrypoint_and_labels(containers: Container
 
 def test_the_image_runs_as_its_non_root_user(containers: Containers, runs: Path):
     assert containers.run_job("whoami", runs, "id").stdout.startswith(f"uid={UID}(job) gid={UID}(job) ")
+
+
+def test_the_image_has_no_installer(containers: Containers, runs: Path):
+    """pip and setuptools stay in the builder: nothing in the image can fetch and install code."""
+    probe = "import importlib.util as u; print([m for m in ('pip', 'setuptools', 'wheel') if u.find_spec(m)])"
+    assert containers.run_job("installers", runs, "python", "-c", probe).stdout.strip() == "[]"
+    assert containers.run_job("no-pip", runs, "sh", "-c", "ls /opt/venv/bin").stdout.split().count("pip") == 0
 
 
 def test_the_image_holds_the_pinned_cuda_torch(containers: Containers, runs: Path):
