@@ -72,7 +72,7 @@ CASES = {
     "truncated IDX": (["data.root={truncated}"], None, ["train-images-idx3-ubyte is truncated"]),
     "wrong magic": (["data.root={wrong-magic}"], None, ["is not an IDX file of 1-d unsigned bytes"]),
     "checksum": (["data.verify=true"], None, ["checksum mismatch for", "python -m job data --root"]),
-    "nccl without GPU": (["dist.backend=nccl"], None, ["dist.backend=nccl needs CUDA GPUs"]),
+    "nccl without GPU": (["dist.backend=nccl"], None, ["dist.backend=nccl asks for GPUs but CUDA is not usable here"]),
     "RANK >= WORLD_SIZE": ([], _launched(2, 2), ["RANK=2 must be below WORLD_SIZE=2"]),
 }
 

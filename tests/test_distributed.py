@@ -266,7 +266,7 @@ def test_a_one_process_launcher_env_needs_no_master_address(tiny_root, tmp_path)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for hosts without a GPU")
 def test_nccl_without_gpu_is_one_line(tiny_root, tmp_path):
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "dist.backend=nccl")])
-    assert_one_line_error(result, "dist.backend=nccl needs CUDA GPUs")
+    assert_one_line_error(result, "dist.backend=nccl asks for GPUs but CUDA is not usable here")
 
 
 @pytest.mark.processes

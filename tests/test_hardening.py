@@ -5,6 +5,7 @@ value it must give. Memory is asserted as a bound on the process's peak RSS, nev
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -132,7 +133,9 @@ def test_a_checkpoint_that_unpacks_to_gigabytes_is_refused_before_loading(zip_bo
 
 def test_a_second_job_on_a_running_jobs_directory_is_refused_and_touches_nothing(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
-    first_args = ["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=6", "seed=1")]
+    # Far more epochs than the test waits for: the first job must still hold the directory when
+    # the second arrives however fast this machine is; it is stopped (SIGTERM) afterwards.
+    first_args = ["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "seed=1")]
     first = subprocess.Popen(
         [sys.executable, "-m", "job", *first_args], cwd=REPO, env=clean_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -141,12 +144,14 @@ def test_a_second_job_on_a_running_jobs_directory_is_refused_and_touches_nothing
     while not (run_dir / "config.yaml").exists():  # the first job holds the lock and has started
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
-    second = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=6", "seed=2")])
+    second = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "seed=2")])
+    assert first.poll() is None, "the first job ended before the second arrived: the test proves nothing"
     assert second.returncode == 2
     line = assert_one_line_error(second, f"run directory {run_dir} is in use by another job (pid {first.pid} on ")
     assert "run.name=<new name>" in line
+    first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    assert first.returncode == 75, err  # stopped at a checkpoint, releasing the lock
     assert "seed: 1" in (run_dir / "config.yaml").read_text() and not (run_dir / ".lock").exists()
 
 
