@@ -34,6 +34,7 @@ from job.errors import (
     PeerLostError,
     message_line,
 )
+from job.loopback import all_ranks_here, is_loopback, loopback_address, loopback_interface, tcp_store
 
 T = TypeVar("T")
 
@@ -162,15 +163,39 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         # program that accepts and never answers waits in the store's handshake indefinitely.
         _wait_until_resolvable(os.environ["MASTER_ADDR"], cfg.timeout_s)
         no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
+        all_here = all_ranks_here()
+        if all_here:  # gloo would listen on this host's LAN address (job/loopback.py)
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
         try:
             with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
-                dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
+                if all_here:
+                    store = _store_on_loopback(env, timeout)
+                    dist.init_process_group(
+                        backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+                    )
+                else:
+                    dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
         except (RuntimeError, ValueError) as e:  # DistStoreError and friends subclass RuntimeError
             raise LaunchError(f"{cannot_join}: {message_line(e)}; {hint}") from None
     try:
         yield DistContext(env=env, backend=backend, device=device, control_group=control_group(backend, timeout))
     finally:
         dist.destroy_process_group()
+
+
+def _store_on_loopback(env: LaunchEnv, timeout: timedelta) -> dist.Store:
+    """The process group's store, as `init_method="env://"` makes it (torch/distributed/rendezvous.py,
+    `_create_c10d_store`: rank 0 hosts it unless the elastic agent does, TORCHELASTIC_USE_AGENT_STORE;
+    then init_process_group's PrefixStore), but reached over loopback and, when rank 0 hosts it,
+    listening on loopback only: for a job whose ranks are all on this host."""
+    master_addr = os.environ["MASTER_ADDR"]
+    host = loopback_address(master_addr) if is_loopback(master_addr) else "127.0.0.1"
+    hosts_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = tcp_store(
+        host, int(os.environ["MASTER_PORT"]), world_size=env.world_size, is_master=hosts_it, timeout=timeout,
+        multi_tenant=True,
+    )  # fmt: skip
+    return dist.PrefixStore("default_pg", store)
 
 
 def _wait_until_resolvable(host: str, timeout_s: float) -> None:
