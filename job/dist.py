@@ -34,7 +34,7 @@ from job.errors import (
     PeerLostError,
     message_line,
 )
-from job.loopback import all_ranks_here, is_loopback, loopback_address, loopback_interface, tcp_store
+from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
 
 T = TypeVar("T")
 
@@ -149,6 +149,9 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
             torch.set_num_threads(threads)
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
+    all_here = all_ranks_here()
+    if all_here:  # gloo and NCCL would listen on this host's LAN address too (job/loopback.py)
+        talk_over_loopback()
     if env.world_size == 1:
         # No peers: an in-memory store needs no address or port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
@@ -163,9 +166,6 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         # program that accepts and never answers waits in the store's handshake indefinitely.
         _wait_until_resolvable(os.environ["MASTER_ADDR"], cfg.timeout_s)
         no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
-        all_here = all_ranks_here()
-        if all_here:  # gloo would listen on this host's LAN address (job/loopback.py)
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
         try:
             with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
                 if all_here:

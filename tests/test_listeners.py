@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters, c10d_rend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
 from job import launch
-from job.loopback import all_ranks_here, is_loopback, loopback_address, tcp_store
+from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
 
 LAUNCH = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2"]  # as make train-local
 
@@ -198,6 +198,8 @@ def test_a_loopback_name_binds_the_ipv4_loopback_address() -> None:
 @pytest.mark.parametrize(
     ("environ", "here"),
     [
+        ({}, True),  # one process, no launcher
+        ({"MASTER_ADDR": "h0", "WORLD_SIZE": "1"}, True),
         ({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, True),  # by hand, on loopback
         ({"MASTER_ADDR": "h0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, True),
         ({"MASTER_ADDR": "h0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}, False),
@@ -206,3 +208,12 @@ def test_a_loopback_name_binds_the_ipv4_loopback_address() -> None:
 )
 def test_which_jobs_have_every_rank_on_this_host(environ: dict[str, str], here: bool) -> None:
     assert all_ranks_here(environ) is here
+
+
+def test_gloo_and_nccl_are_sent_to_the_loopback_interface_unless_the_user_chose() -> None:
+    environ = {"NCCL_SOCKET_IFNAME": "eth1"}
+    talk_over_loopback(environ)
+    assert environ == {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "eth1"}  # Linux: lo
+    environ = {}
+    talk_over_loopback(environ)
+    assert environ["NCCL_SOCKET_IFNAME"] == "=lo"  # exactly lo: NCCL reads a bare name as a prefix
