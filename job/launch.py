@@ -1,12 +1,16 @@
-"""`python -m job.launch [torchrun arguments]`: torchrun that never retries bad input and whose
-exit status says what its workers did.
+"""`python -m job.launch [torchrun arguments]`: torchrun that never retries bad input, whose
+exit status says what its workers did, and whose stores for a run on this host listen on
+loopback only.
 
 Every launcher the project ships (make train-local, the image, Kubernetes, Slurm) starts
 the job through this module, because plain torchrun (measured with torch 2.14.1):
 - restarts the worker group up to --max-restarts times whatever a worker's exit code, so a
   config error found inside the workers was printed four times over ~50 s before failing;
 - exits 1 when a worker fails, whatever its code, and 1 again when SIGTERM stops it, so a
-  Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75.
+  Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75;
+- with --standalone, listens on every interface for its rendezvous store (and the store it
+  shares with its workers), and names this node by its host name, a LAN address on most
+  machines (job/loopback.py).
 
 Here a worker that exits 2 (bad input) ends the run at once: no retry can fix it. Any other
 failure is still restarted by torchrun's elastic agent, up to --max-restarts: a lost peer, a
