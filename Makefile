@@ -30,6 +30,9 @@ PYTEST_ARGS ?=
 # A run directory for the targets that use a trained model: tensorboard, plot, predict, export.
 RUN ?= runs/default
 TB_PORT ?= 6006
+# TensorBoard's address: loopback, so only this machine reaches it (ssh -L from yours);
+# TB_HOST=0.0.0.0 serves every network this machine is on.
+TB_HOST ?= 127.0.0.1
 IMAGES ?=
 FORMAT ?= safetensors
 # Each format of job/export.py FORMATS, whose suffix is the format's name (tests/test_makefile.py checks).
@@ -100,7 +103,7 @@ LOCK_STAMP := $(LOCK_VENV)/.installed
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=(GPUs torch can use, else 2) DEVICE=$(DEVICE) ARGS='key=value ...' PYTHON=$(PYTHON)"
-	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT)"
+	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT) TB_HOST=$(TB_HOST)"
 	@echo "Slurm: NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) PARTITION=$(PARTITION) TIME=$(TIME) JOB=<id>"
 	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) STORAGE_CLASS=$(STORAGE_CLASS) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
@@ -165,9 +168,9 @@ define need_run
 	@test -d $(RUN)/$(1) || { echo "error: $(RUN)/$(1) does not exist; train first (make train-local) or pass RUN=runs/<name>" >&2; exit 2; }
 endef
 
-tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on localhost:TB_PORT
+tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on TB_HOST:TB_PORT (127.0.0.1:6006)
 	$(call need_run,tb)
-	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN)/tb --port $(TB_PORT)
+	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN)/tb --port $(TB_PORT) --host $(TB_HOST)
 
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
 	$(PY) -m job plot $(RUN)

@@ -34,6 +34,7 @@ from job.errors import (
     PeerLostError,
     message_line,
 )
+from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
 
 T = TypeVar("T")
 
@@ -148,6 +149,9 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
             torch.set_num_threads(threads)
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
+    all_here = all_ranks_here()
+    if all_here:  # gloo and NCCL would listen on this host's LAN address too (job/loopback.py)
+        talk_over_loopback()
     if env.world_size == 1:
         # No peers: an in-memory store needs no address or port.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
@@ -164,13 +168,34 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
         try:
             with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
-                dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
+                if all_here:
+                    store = _store_on_loopback(env, timeout)
+                    dist.init_process_group(
+                        backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+                    )
+                else:
+                    dist.init_process_group(backend, init_method="env://", timeout=timeout, **kwargs)
         except (RuntimeError, ValueError) as e:  # DistStoreError and friends subclass RuntimeError
             raise LaunchError(f"{cannot_join}: {message_line(e)}; {hint}") from None
     try:
         yield DistContext(env=env, backend=backend, device=device, control_group=control_group(backend, timeout))
     finally:
         dist.destroy_process_group()
+
+
+def _store_on_loopback(env: LaunchEnv, timeout: timedelta) -> dist.Store:
+    """The process group's store, as `init_method="env://"` makes it (torch/distributed/rendezvous.py,
+    `_create_c10d_store`: rank 0 hosts it unless the elastic agent does, TORCHELASTIC_USE_AGENT_STORE;
+    then init_process_group's PrefixStore), but reached over loopback and, when rank 0 hosts it,
+    listening on loopback only: for a job whose ranks are all on this host."""
+    master_addr = os.environ["MASTER_ADDR"]
+    host = loopback_address(master_addr) if is_loopback(master_addr) else "127.0.0.1"
+    hosts_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = tcp_store(
+        host, int(os.environ["MASTER_PORT"]), world_size=env.world_size, is_master=hosts_it, timeout=timeout,
+        multi_tenant=True,
+    )  # fmt: skip
+    return dist.PrefixStore("default_pg", store)
 
 
 def _wait_until_resolvable(host: str, timeout_s: float) -> None:

@@ -1,12 +1,16 @@
-"""`python -m job.launch [torchrun arguments]`: torchrun that never retries bad input and whose
-exit status says what its workers did.
+"""`python -m job.launch [torchrun arguments]`: torchrun that never retries bad input, whose
+exit status says what its workers did, and whose stores for a run on this host listen on
+loopback only.
 
 Every launcher the project ships (make train-local, the image, Kubernetes, Slurm) starts
 the job through this module, because plain torchrun (measured with torch 2.14.1):
 - restarts the worker group up to --max-restarts times whatever a worker's exit code, so a
   config error found inside the workers was printed four times over ~50 s before failing;
 - exits 1 when a worker fails, whatever its code, and 1 again when SIGTERM stops it, so a
-  Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75.
+  Job's podFailurePolicy or Slurm's RequeueExit could never see 2 or 75;
+- with --standalone, listens on every interface for its rendezvous store (and the store it
+  shares with its workers), and names this node by its host name, a LAN address on most
+  machines (job/loopback.py).
 
 Here a worker that exits 2 (bad input) ends the run at once: no retry can fix it. Any other
 failure is still restarted by torchrun's elastic agent, up to --max-restarts: a lost peer, a
@@ -30,6 +34,7 @@ import sys
 from collections.abc import Iterable
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from job.loopback import is_loopback, loopback_address, tcp_store
 
 FINAL_CODES = frozenset({EXIT_BAD_INPUT})
 """Worker exit codes after which restarting the group cannot help."""
@@ -93,6 +98,60 @@ def _pass_a_second_ctrl_c_on() -> None:
     LocalElasticAgent._shutdown = shutdown_passing_ctrl_c
 
 
+def _keep_local_stores_on_loopback() -> None:
+    """The agent's TCPStore servers listen on loopback only when their host is loopback, as for
+    --standalone (torch/distributed/run.py, `run`: rendezvous endpoint `localhost:0`).
+
+    torch creates them in three places, each a plain TCPStore, which listens on every interface
+    (job/loopback.py): the rendezvous store in `_create_tcp_store`
+    (torch/distributed/elastic/rendezvous/c10d_rendezvous_backend.py) or in
+    `StaticTCPRendezvous.next_rendezvous` (static_tcp_rendezvous.py), and the store the agent
+    shares with its workers (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) in
+    `DynamicRendezvousHandler._create_tcp_store_server` (dynamic_rendezvous.py), at this node's
+    address. torch has no option for the address: these three get job.loopback.tcp_store, which
+    hands a loopback host's server a socket bound to loopback. Other hosts are left as they are.
+    """
+    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend, static_tcp_rendezvous
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    positional = ("world_size", "is_master", "timeout", "wait_for_workers", "multi_tenant")
+
+    def store(host_name, port, *args, **kwargs):  # noqa: ANN001, ANN202 (TCPStore's signature)
+        return tcp_store(host_name, port, **dict(zip(positional, args, strict=False)), **kwargs)
+
+    def create_tcp_store_server(self, master_addr, master_port):  # noqa: ANN001, ANN202
+        return tcp_store(master_addr, master_port, is_master=True, multi_tenant=True)
+
+    c10d_rendezvous_backend.TCPStore = store
+    static_tcp_rendezvous.TCPStore = store
+    DynamicRendezvousHandler._create_tcp_store_server = create_tcp_store_server
+
+
+def _name_this_node_loopback_in_local_runs() -> None:
+    """In a run whose rendezvous endpoint is loopback (all its nodes on this host), this node's
+    address, the workers' MASTER_ADDR and the shared store's host, is loopback too, not this host's
+    name: torch takes `--local-addr` or else `socket.getfqdn()`
+    (torch/distributed/elastic/rendezvous/api.py, `RendezvousStoreInfo.build`), which is a LAN
+    name on most machines. `config_from_args` (torch/distributed/run.py) is where torchrun's
+    arguments become the launch config, after --standalone has set the endpoint. An explicit
+    --local-addr is kept; etcd endpoints are left alone (a local etcd gateway serves many hosts).
+    """
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    config_from_args = torchrun.config_from_args
+
+    @functools.wraps(config_from_args)
+    def config_naming_loopback(args):  # noqa: ANN001, ANN202 (torch's private signature)
+        config, cmd, cmd_args = config_from_args(args)
+        host, _ = parse_rendezvous_endpoint(config.rdzv_endpoint, default_port=0)
+        if config.local_addr is None and config.rdzv_backend in ("c10d", "static") and is_loopback(host):
+            config.local_addr = loopback_address(host)
+        return config, cmd, cmd_args
+
+    torchrun.config_from_args = config_naming_loopback
+
+
 def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
     for pid in leaders:
         with contextlib.suppress(ProcessLookupError):  # that worker has already exited
@@ -106,6 +165,8 @@ def main() -> int:
 
     _no_restart_after_final_codes()
     _pass_a_second_ctrl_c_on()
+    _keep_local_stores_on_loopback()
+    _name_this_node_loopback_in_local_runs()
     try:
         torchrun()
     except ChildFailedError as e:

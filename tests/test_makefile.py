@@ -58,6 +58,11 @@ def test_export_offers_every_format_with_its_suffix():
     assert f"({'|'.join(FORMATS)})" in line
 
 
+def test_tensorboard_listens_on_loopback_unless_told_otherwise():
+    assert "--host 127.0.0.1" in _make("-n", "tensorboard", "RUN=runs/x")
+    assert "--host 0.0.0.0" in _make("-n", "tensorboard", "RUN=runs/x", "TB_HOST=0.0.0.0")
+
+
 def test_tensorboard_without_a_run_is_one_line(tmp_path):
     result = subprocess.run(
         ["make", "--no-print-directory", "tensorboard", f"RUN={tmp_path}"], cwd=REPO, capture_output=True, text=True
