@@ -92,6 +92,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment without launcher variables, so a test decides how the job is launched."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONUNBUFFERED"] = "1"
+    # A process killed by a fatal signal (SIGABRT, SIGSEGV) prints every thread's Python stack:
+    # the one clue a rare crash under load leaves in a test's output (tests/README.md, flaky tests).
+    env["PYTHONFAULTHANDLER"] = "1"
     env.update(extra)
     return env
 
