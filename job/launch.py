@@ -77,6 +77,52 @@ def _no_restart_after_final_codes() -> None:
     LocalElasticAgent._monitor_workers = monitor_workers
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_stop_signal: signal.Signals | None = None
+"""The stop signal this launcher received, if any (set by the handler `_remember_stop_signals` wraps)."""
+
+
+def _remember_stop_signals() -> None:
+    """A stop (SIGTERM, SIGINT) is a stop wherever in torch's agent it lands.
+
+    torch's agent turns these signals into a SignalException raised wherever its main thread
+    is (torch/distributed/elastic/multiprocessing/api.py, `_terminate_process_handler`). Raised
+    between `try:` and `start = time.time()` in the timing wrapper around the agent's methods
+    (torch/distributed/elastic/metrics/api.py, `prof`), it is replaced by that wrapper's own
+    UnboundLocalError from its `finally`. torchrun then exits 1 instead of 75 (a preempted pod
+    counted as a failure), and closes the rendezvous for every other node, which torch keeps
+    open only for a SignalException (torch/distributed/elastic/launcher/api.py, `launch_agent`:
+    "when the agent dies with a signal do NOT shutdown the rdzv_handler"); the surviving nodes
+    then fail with RendezvousClosedError. Seen once in `make k8s-local-test` (a preempted
+    worker pod, torch 2.14.1). Recording the signal here lets `main` and the rendezvous follow
+    torch's intent whether or not the exception survived. The agent's own `run` still stops
+    and waits for its workers (its `finally` calls `_shutdown`), so they checkpoint as usual.
+    """
+    from torch.distributed.elastic.multiprocessing import api
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    raise_signal_exception = api._terminate_process_handler
+
+    def remember_then_raise(signum, frame):  # noqa: ANN001, ANN202 (a signal handler)
+        global _stop_signal
+        _stop_signal = signal.Signals(signum)
+        raise_signal_exception(signum, frame)
+
+    # Looked up by name when the agent installs its handlers (`PContext.start`).
+    api._terminate_process_handler = remember_then_raise
+
+    close = DynamicRendezvousHandler.shutdown
+
+    @functools.wraps(close)
+    def shutdown_unless_stopped(self):  # noqa: ANN001, ANN202 (torch's private signature)
+        if _stop_signal in STOP_SIGNALS:
+            return True  # left open, as torch leaves it after a SignalException
+        return close(self)
+
+    DynamicRendezvousHandler.shutdown = shutdown_unless_stopped
+
+
 def _pass_a_second_ctrl_c_on() -> None:
     """Ctrl-C reaches only this process (torch starts each worker in a session of its own), and
     the agent passes it on to the workers as SIGINT: each stops at its next checkpoint. While
@@ -164,6 +210,7 @@ def main() -> int:
     from torch.distributed.run import main as torchrun
 
     _no_restart_after_final_codes()
+    _remember_stop_signals()
     _pass_a_second_ctrl_c_on()
     _keep_local_stores_on_loopback()
     _name_this_node_loopback_in_local_runs()
@@ -174,9 +221,13 @@ def main() -> int:
     except SignalException as e:
         # torchrun has already passed the signal on to its workers and waited for them to
         # checkpoint and exit.
-        if e.sigval not in (signal.SIGTERM, signal.SIGINT):
+        if e.sigval not in STOP_SIGNALS:
             raise
         return EXIT_PREEMPTED
+    except Exception:
+        if _stop_signal in STOP_SIGNALS:  # torch's own error masked the stop (_remember_stop_signals)
+            return EXIT_PREEMPTED
+        raise
     return 0
 
 

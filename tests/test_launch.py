@@ -111,6 +111,63 @@ def test_the_launcher_exits_75_when_sigterm_stops_torchrun(tmp_path):
     assert process.wait(timeout=60) == EXIT_PREEMPTED
 
 
+MASKED_STOP = """
+import os, signal, sys, types
+import job.launch as launch
+import torch.distributed.run
+from torch.distributed.elastic.metrics import api as metrics
+from torch.distributed.elastic.multiprocessing import api
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+def clock_hit_by_sigterm():
+    # SIGTERM lands between the timing wrapper's `try:` and `start = time.time()`.
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(10**7):  # the handler runs (and raises) at the loop's next check
+        pass
+    sys.exit("the SIGTERM handler never ran")
+
+metrics.time = types.SimpleNamespace(time=clock_hit_by_sigterm)
+
+@metrics.prof
+def monitor_workers():
+    return "unreached"
+
+seen = []
+
+def torchrun():
+    signal.signal(signal.SIGTERM, api._terminate_process_handler)  # as the agent's PContext.start does
+    try:
+        monitor_workers()
+    except BaseException as e:
+        seen.append(f"{type(e).__name__} from {type(e.__context__).__name__}")
+        raise
+
+torch.distributed.run.main = torchrun
+code = launch.main()
+closed = []
+still_open = DynamicRendezvousHandler.shutdown(types.SimpleNamespace(_close=lambda: closed.append(1)))
+print(seen[0], code, still_open, closed == [], sep=",")
+"""
+
+
+@pytest.mark.processes
+def test_a_sigterm_that_torchs_timing_wrapper_masks_is_still_a_stop(tmp_path):
+    """torch's `prof` wrapper turns a SignalException raised before `start` is bound into its own
+    UnboundLocalError (seen in make k8s-local-test: a preempted pod exited 1 and closed the
+    rendezvous, so the surviving pod failed too). The launcher must still exit 75 and leave the
+    rendezvous open for the other nodes, as torch does for an unmasked SignalException."""
+    script = tmp_path / "masked_stop.py"
+    script.write_text(MASKED_STOP)
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    masked, code, still_open, nothing_closed = result.stdout.strip().split(",")
+    assert masked == "UnboundLocalError from SignalException", "torch no longer masks it: " + result.stderr
+    assert (int(code), still_open, nothing_closed) == (EXIT_PREEMPTED, "True", "True"), result.stderr
+
+
 def test_the_launcher_maps_mixed_codes_to_the_most_telling_one():
     assert exit_code({EXIT_BAD_INPUT, EXIT_FAILED}) == EXIT_BAD_INPUT
     assert exit_code({EXIT_PREEMPTED, -9}) == EXIT_FAILED
