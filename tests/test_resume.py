@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,14 @@ from job.progress import Progress
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
 STEPS = [3, 6, 8, 9, 12, 15, 16]
+
+
+def start_again(run_dir: Path, tiny_root: Path) -> subprocess.CompletedProcess[str]:
+    """The interrupted job started again with its own command (2 ranks, checkpointing as the
+    reference did), as a user or a Job's restart would; it must finish."""
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
+    assert_ok(result)
+    return result
 
 
 def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:
@@ -102,8 +111,7 @@ def test_resuming_from_any_checkpoint_gives_the_uninterrupted_bits(reference, ti
 @pytest.mark.processes
 def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path):
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
-    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
-    assert_ok(result)
+    result = start_again(run_dir, tiny_root)
     assert f"Resuming from {checkpoint(run_dir, 9)}: epoch 2, batch 1/8, step 9" in result.stdout
     assert_same_weights(run_dir, reference)
     assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the interrupted write's temp file is removed"
@@ -122,8 +130,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(reference, t
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     newest = checkpoint(run_dir, 9)
     newest.write_bytes(newest.read_bytes()[:5000])
-    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
-    assert_ok(result)
+    result = start_again(run_dir, tiny_root)
     assert "skipping checkpoint step-000000009.pt: checkpoint" in result.stderr
     assert "is truncated or corrupt" in result.stderr
     assert f"Resuming from {checkpoint(run_dir, 8)}" in result.stdout
@@ -141,8 +148,7 @@ def test_a_checkpoint_that_would_run_code_is_skipped_unexecuted(reference, tiny_
     monkeypatch.setenv("PWNED_MARKER", str(marker))
     run_dir = killed_copy(reference, tmp_path / "run", last_step=9)
     torch.save({"model": _Exploit()}, checkpoint(run_dir, 12))
-    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
-    assert_ok(result)
+    result = start_again(run_dir, tiny_root)
     assert "skipping checkpoint step-000000012.pt: checkpoint" in result.stderr
     assert "is not a weights-only file and was not loaded" in result.stderr
     assert not marker.exists(), "the pickle's code ran"
@@ -299,8 +305,7 @@ def test_a_newest_checkpoint_of_the_wrong_shape_falls_back_to_the_one_before(ref
     state = torch.load(newest, weights_only=True)
     state["model"]["conv1.weight"] = torch.zeros(20, 1, 5, 5)
     torch.save(state, newest)
-    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2)
-    assert_ok(result)
+    result = start_again(run_dir, tiny_root)
     assert "skipping checkpoint step-000000016.pt" in result.stderr
     assert "model conv1.weight has shape (20, 1, 5, 5), the net's is (10, 1, 5, 5)" in result.stderr
     assert f"Resuming from {checkpoint(run_dir, 15)}" in result.stdout
