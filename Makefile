@@ -170,7 +170,7 @@ endef
 
 tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on TB_HOST:TB_PORT (127.0.0.1:6006)
 	$(call need_run,tb)
-	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN)/tb --port $(TB_PORT) --host $(TB_HOST)
+	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN) --port $(TB_PORT) --host $(TB_HOST)
 
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
 	$(PY) -m job plot $(RUN)
@@ -252,6 +252,7 @@ image-test: $(STAMP) ## build the image on a local Debian base and train + evalu
 # A kustomization in build/k8s/ that sets the image (and namespace) over a kustomization of
 # k8s/: kubectl's built-in kustomize has no `edit`, and the tree under k8s/ stays untouched.
 define k8s_kustomization
+	@test -d k8s/$(1) || { echo "error: k8s/$(1) does not exist; OVERLAY is one of: $$(ls k8s/overlays | tr '\n' ' ')" >&2; exit 2; }
 	@mkdir -p build/k8s/$(notdir $(1))
 	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
 		'resources: [../../../k8s/$(1)]' $(if $(NAMESPACE),'namespace: $(NAMESPACE)') \
@@ -288,7 +289,12 @@ delete: $(K8S_STAMP) ## delete the job, its pods, Service, ConfigMaps, TensorBoa
 	$(if $(filter 1,$(PURGE)),$(KUBECTL_NS) delete pvc mnist-ddp-runs --ignore-not-found)
 
 # Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); .venv-k8s's kubectl renders.
+# Both root tiers install the Debian packages they need on first use, as .ci/run does.
+K8S_LOCAL_TOOLS := ip unshare mount tini
 k8s-local-test: $(STAMP) $(K8S_STAMP) ## run k8s/overlays/cpu's Job as 2 local "pods" (namespaces); kill one; same bits (root)
+	@(for tool in $(K8S_LOCAL_TOOLS); do command -v $$tool >/dev/null || exit 1; done) \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends iproute2 util-linux mount tini >/dev/null; }
 	$(PY) -m pytest -m k8s_local tests/test_k8s_local.py $(PYTEST_ARGS)
 
 # The job runs JOB_PYTHON on every node (this checkout's venv: it must be on a shared path) from
@@ -300,8 +306,13 @@ slurm-submit: $(STAMP) ## submit slurm/train.sbatch: NODES x GPUS_PER_NODE (0: 1
 		$(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node $(GPUS_PER_NODE)) $(if $(PARTITION),--partition $(PARTITION)) \
 		slurm/train.sbatch --config $(CONFIG) $(ARGS)
 
+# Without JOB: your newest mnist-ddp job, or squeue's own error when Slurm cannot be asked
+# (no slurm.conf, no controller), which is not the same as an empty queue.
 define need_slurm_job
-	@test -n "$(SLURM_JOB)" || { echo "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" >&2; exit 2; }
+	@test -n "$(JOB)" || { queue=$$(squeue -h --me -n mnist-ddp -o %i 2>&1) || { echo "error: squeue failed: \
+		$$(echo "$$queue" | tail -n 1); check that this host reaches slurmctld (SLURM_CONF), or pass JOB=<id>" >&2; \
+		exit 2; }; test -n "$$queue" || { echo "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" >&2; \
+		exit 2; }; }
 endef
 
 slurm-status: ## the job JOB (default: your newest mnist-ddp job): state, restarts, nodes, exit code

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, expand_path, load_config, rank_batch_size
 from job.console import setup_logging
-from job.errors import EXIT_BAD_INPUT, ConfigError, JobError, PreemptedError
+from job.cpu_kernels import pin_cpu_kernels
+from job.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
 
 
@@ -75,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that need torch import it when they run: `config` and bad input answer fast.
+# Commands that need torch import it when they run: `config` and bad input answer fast, and the
+# CPU kernels are pinned before torch loads them (job/cpu_kernels.py).
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    pin_cpu_kernels(native=cfg.speed.native_cpu_kernels)
     from job.train import run_training
 
     run_training(cfg)
@@ -86,6 +90,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    pin_cpu_kernels(native=cfg.speed.native_cpu_kernels)
     from job.train import run_evaluation
 
     result = run_evaluation(cfg, args.checkpoint)
@@ -95,6 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.predict import run_predict
 
     failed = run_predict(args.images, as_json=args.json, checkpoint=args.checkpoint, model=args.model)
@@ -102,6 +108,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.plot import run_plot
 
     for path in run_plot(args.run_dir, args.data_root):
@@ -110,6 +117,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.export import run_export
 
     print(f"wrote {run_export(args.checkpoint, args.format, args.out)}")
@@ -142,20 +150,33 @@ def _env_int(name: str, default: int = 0) -> int:
         return default
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
+    """The CLI; returns the exit code. `as_program`: this process exits with it (late Ctrl-Cs are ignored)."""
     args = build_parser().parse_args(argv)
+    exiting = _ignore_ctrl_c if as_program else lambda: None
     setup_logging(_env_int("RANK"), _env_int("WORLD_SIZE", 1))
     try:
         return args.func(args)
     except JobError as e:
+        exiting()
         # Most errors are the same on every rank: the first process on each host says it once.
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
             _say("stopped" if isinstance(e, PreemptedError) else "error", str(e))
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it
+        exiting()
         if _env_int("LOCAL_RANK") == 0:
             _say("interrupted", "Ctrl-C; run the same command again to resume from the newest checkpoint, if any")
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        exiting()
+
+
+def _ignore_ctrl_c() -> None:
+    """Once the outcome is decided there is nothing left to stop: a late Ctrl-C (a second or third
+    press while the process exits) would only raise KeyboardInterrupt inside the last line's print
+    or the interpreter's shutdown ("Exception ignored in: <module 'threading'>")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _say(kind: str, message: str) -> None:
@@ -164,4 +185,4 @@ def _say(kind: str, message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(as_program=True))

@@ -21,23 +21,28 @@ asked of this launcher itself (SIGTERM) is not restarted. The exit status is the
   2   a worker exited 2: bad input, retrying cannot help
   75  the workers stopped after a checkpoint (75), or SIGTERM or Ctrl-C stopped this
       launcher (its workers checkpoint first): start the same command again to resume
+  130 a second Ctrl-C stopped the workers at once, without a checkpoint of that moment
   1   anything else: a run-time failure (a retry may help)
+In a terminal, torch's own notices around a stop ("Received 2 death signal, shutting down
+workers", "Sending process N closing signal SIGINT") are left out; LOGLEVEL=WARNING shows them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
 from collections.abc import Iterable
 
-from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from job.loopback import is_loopback, loopback_address, tcp_store
 
-FINAL_CODES = frozenset({EXIT_BAD_INPUT})
-"""Worker exit codes after which restarting the group cannot help."""
+FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_INTERRUPTED})
+"""Worker exit codes after which the group is not restarted: bad input (a retry cannot help), and
+a worker the user interrupted (Ctrl-C twice, sent to it directly)."""
 
 
 def exit_code(worker_codes: Iterable[int]) -> int:
@@ -50,6 +55,9 @@ def exit_code(worker_codes: Iterable[int]) -> int:
     codes = set(worker_codes)
     if EXIT_BAD_INPUT in codes:
         return EXIT_BAD_INPUT
+    stopped = {EXIT_PREEMPTED, -signal.SIGTERM, -signal.SIGINT}
+    if EXIT_INTERRUPTED in codes and codes <= {EXIT_INTERRUPTED, *stopped}:
+        return EXIT_INTERRUPTED
     if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
         return EXIT_PREEMPTED
     return EXIT_FAILED
@@ -78,6 +86,9 @@ def _no_restart_after_final_codes() -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_interrupted_twice = False
+"""Whether a second Ctrl-C was passed on to the workers, which then stop at once (exit 130)."""
 
 _stop_signal: signal.Signals | None = None
 """The stop signal this launcher received, if any (set by the handler `_remember_stop_signals` wraps)."""
@@ -134,11 +145,16 @@ def _pass_a_second_ctrl_c_on() -> None:
 
     shutdown = LocalElasticAgent._shutdown
 
+    def pass_on(workers: list[int]) -> None:
+        global _interrupted_twice
+        _interrupted_twice = True
+        _signal_groups(workers, signal.SIGINT)
+
     @functools.wraps(shutdown)
     def shutdown_passing_ctrl_c(self, death_sig=signal.SIGTERM, *args, **kwargs):  # noqa: ANN001, ANN202
         if death_sig == signal.SIGINT and self._pcontext is not None:
             workers = list(self._pcontext.pids().values())
-            signal.signal(signal.SIGINT, lambda *_: _signal_groups(workers, signal.SIGINT))
+            signal.signal(signal.SIGINT, lambda *_: pass_on(workers))
         return shutdown(self, death_sig, *args, **kwargs)
 
     LocalElasticAgent._shutdown = shutdown_passing_ctrl_c
@@ -204,7 +220,28 @@ def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
             os.killpg(pid, sig)
 
 
+def _quiet_torch_notices_in_a_terminal() -> None:
+    """torch's elastic agent logs each stop at WARNING (agent/server/api.py "Received N death signal,
+    shutting down workers"; multiprocessing/api.py "Sending process N closing signal ..."), between
+    the job's own lines. In a terminal the job's lines say it all; in a cluster's log, and whenever
+    LOGLEVEL is set (torch reads it for these loggers), they stay."""
+    if os.environ.get("LOGLEVEL") or not sys.stderr.isatty():
+        return
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> int:
+    """torchrun with the changes above; returns the exit status (module docstring). Once it is
+    decided, a late Ctrl-C is ignored: it would only interrupt the interpreter's shutdown."""
+    try:
+        return _launch()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _launch() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -214,6 +251,7 @@ def main() -> int:
     _pass_a_second_ctrl_c_on()
     _keep_local_stores_on_loopback()
     _name_this_node_loopback_in_local_runs()
+    _quiet_torch_notices_in_a_terminal()
     try:
         torchrun()
     except ChildFailedError as e:
@@ -223,10 +261,10 @@ def main() -> int:
         # checkpoint and exit.
         if e.sigval not in STOP_SIGNALS:
             raise
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
     except Exception:
         if _stop_signal in STOP_SIGNALS:  # torch's own error masked the stop (_remember_stop_signals)
-            return EXIT_PREEMPTED
+            return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
         raise
     return 0
 

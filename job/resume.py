@@ -8,6 +8,8 @@ nothing in the run directory is changed or deleted by looking.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResumeSource:
-    """The checkpoint a run resumes from: its path (for messages) and its raw bytes."""
+    """The checkpoint a run resumes from: its path (for messages) and its raw bytes; for a run
+    that has trained every epoch and written its results, `results` holds summary.json's bytes."""
 
     path: Path
     data: bytes
+    results: bytes | None = None
 
 
 def find_resume_source(cfg: Config) -> ResumeSource | None:
@@ -49,8 +53,23 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
         if mode == "auto":
             return None
         source = _read_given(Path(mode))
-    check_resumable(loads_weights_only(source.data, source.path), source.path, cfg)
+    state = loads_weights_only(source.data, source.path)
+    check_resumable(state, source.path, cfg)
+    if own and state["epochs_done"] >= cfg.train.epochs and not state["batches_done"]:
+        return dataclasses.replace(source, results=_finished_results(run))
     return source
+
+
+def _finished_results(run: RunDir) -> bytes | None:
+    """summary.json's bytes when a run that trained every epoch also wrote its results (else None:
+    the job evaluates the final checkpoint again and writes them)."""
+    if not run.model.is_file():
+        return None
+    try:
+        data = run.summary.read_bytes()
+        return data if "test_accuracy" in json.loads(data) else None
+    except (OSError, ValueError, TypeError):  # unreadable or not ours: written again
+        return None
 
 
 def _read_given(path: Path) -> ResumeSource:

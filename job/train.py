@@ -7,6 +7,7 @@ train over the shuffled training set and test on the full test set.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ from job import data
 from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
+from job.cpu_kernels import cpu_capability, pin_missed
 from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
@@ -434,6 +436,12 @@ def run_training(cfg: Config) -> dict[str, Any]:
             f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
             + (f", restart {restarts}" if restarts != "0" else "")
         )
+        if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
+            log.warning(
+                f"the CPU kernels run {cpu_capability()}, not the portable AVX2 (torch was loaded before the job "
+                "pinned them, or ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA/MKL_ENABLE_INSTRUCTIONS are set): the "
+                "bits will differ from other hosts'; start the job as `python -m job train`"
+            )
         try:
             summary = _train(cfg, ctx)
         except RuntimeError as e:
@@ -468,6 +476,15 @@ def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
     source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))
+    finished = broadcast_bytes(ctx, source.results if source else None)
+    if finished:  # a run started again after it finished: nothing to train, nothing to write
+        summary = json.loads(finished)
+        log.info(
+            f"{cfg.run_dir} holds a finished run ({summary.get('epochs')} epochs, step {summary.get('global_step')}): "
+            "nothing to do, nothing written; train more with a higher train.epochs, or start another run with "
+            "run.name=<new name>"
+        )
+        return summary
     raw = broadcast_bytes(ctx, source.data if source else None)
     name = str(source.path) if source else "the checkpoint rank 0 chose"
     state = loads_weights_only(raw, name) if raw else None

@@ -185,6 +185,16 @@ def assert_same_weights(run_dir: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
 
 
+def weights_digest(run_dir: Path) -> str:
+    """sha256 over model.pt's tensors (names, shapes, bytes) in name order: the bits of a run's
+    weights, independent of how torch.save lays out its zip."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_state(run_dir / "model.pt").items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file under `directory` with its sha256: what 'left as it was' means."""
     return {

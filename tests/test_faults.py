@@ -7,12 +7,15 @@ The data is generated: 3200 samples, 50 steps per epoch, a checkpoint every 10 s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +35,7 @@ from helpers import (
     tiny_overrides,
 )
 
-from job.errors import EXIT_FAILED, EXIT_PREEMPTED
+from job.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 STEPS_PER_EPOCH = 50
 
@@ -179,6 +182,48 @@ def test_ctrl_c_in_a_terminal_checkpoints_every_rank_and_says_how_to_resume(medi
     assert_ok(again)
     assert resumed_step(again.stdout) == step
     assert_same_weights(run_dir, reference[2])
+
+
+@pytest.mark.processes
+def test_a_second_ctrl_c_in_a_terminal_stops_the_launcher_at_once_with_130(medium_root, tmp_path):
+    """make train-local's launcher with a terminal (a pty) for its output, Ctrl-C twice: exit 130,
+    not 75 (the second press does not wait for a checkpoint); the host's one `interrupted:` line, no
+    KeyboardInterrupt noise from a late press, and none of torch's notices between the job's lines."""
+    run_dir = tmp_path / "run"
+    # Steps of 320 samples, a vote every 10: the second press lands well before the stop's checkpoint.
+    args = train_args(medium_root, run_dir, "train.epochs=30", "data.global_batch_size=320")
+    launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job", *args]
+    terminal, screen = pty.openpty()
+    job = subprocess.Popen(
+        launch, env=clean_env(), stdin=subprocess.DEVNULL, stdout=screen, stderr=screen, start_new_session=True
+    )
+    os.close(screen)
+    shown = bytearray()
+
+    def read_screen() -> None:
+        with contextlib.suppress(OSError):  # EIO once every process has closed the terminal
+            while chunk := os.read(terminal, 4096):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=read_screen, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while max(checkpoint_steps(run_dir), default=0) < 10:
+        assert time.monotonic() < deadline and job.poll() is None, shown.decode(errors="replace")
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGINT)
+    while b"press Ctrl-C again" not in shown:
+        assert time.monotonic() < deadline and job.poll() is None, shown.decode(errors="replace")
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGINT)
+    code = job.wait(timeout=60)
+    reader.join(timeout=10)
+    os.close(terminal)
+    output = shown.decode(errors="replace")
+    assert code == EXIT_INTERRUPTED, output
+    assert output.count("interrupted: Ctrl-C; run the same command again") == 1, output  # one per host
+    for noise in ("KeyboardInterrupt", "Exception ignored", "Traceback", "death signal", "closing signal"):
+        assert noise not in output, output
 
 
 @pytest.mark.processes
