@@ -83,3 +83,13 @@ def test_a_resume_under_another_instruction_set_warns(tiny_root, tmp_path):
     assert "resuming a checkpoint written with cpu_capability=AVX2 under cpu_capability=DEFAULT" in result.stderr
     assert read_summary(run_dir)["cpu_capability"].startswith("DEFAULT")
     assert torch.load(checkpoint(run_dir, 16), weights_only=True)["environment"]["cpu_capability"].startswith("DEFAULT")
+
+
+def test_every_rank_under_accelerate_runs_the_pinned_kernels(tiny_root, tmp_path):
+    """The pin is set by the job in each worker, whatever started it (torchrun: test_real_mnist.py's
+    README line, which only an AVX2-pinned AVX-512 host prints)."""
+    result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "train.epochs=1")], nproc=2,
+                     launcher="accelerate", env=_env())  # fmt: skip
+    assert_ok(result)
+    assert read_summary(tmp_path / "run")["cpu_capability"] == "AVX2"
+    assert "not the portable AVX2" not in result.stderr + result.stdout

@@ -21,6 +21,7 @@ installs them when missing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -177,6 +178,28 @@ class Job:
 
         self.cluster.wait_for(written, JOB_TIMEOUT_S, f"job {self.id}'s checkpoint at step >= {step}")
 
+    def hold(self) -> list[int]:
+        """SIGSTOP the job's workers (its processes with RANK set, not torchrun or srun) where they are:
+        the run cannot reach its last step before a signal already on its way arrives, however fast
+        the machine and however slow the scheduler. release_once_signalled lets them go on."""
+        workers = [p.pid for p in self.cluster.job_processes(self.id) if "RANK" in p.env]
+        assert len(workers) == 2, f"2 workers expected, found {workers}\n{self.output}"
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        return workers
+
+    def release_once_signalled(self, workers: list[int], sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGCONT the held workers once `sig` is pending in every one (or something, e.g. slurmd's own
+        SIGCONT before its SIGTERM, has let it run on, or it is gone)."""
+        self.cluster.wait_for(
+            lambda: all(_signal_pending_or_running(pid, sig) for pid in workers),
+            JOB_TIMEOUT_S,
+            f"{sig.name} to reach job {self.id}'s held workers",
+        )
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def events(self, kind: str) -> list[dict]:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
         return [event for event in map(json.loads, lines) if event["event"] == kind]
@@ -191,6 +214,17 @@ class Job:
 # once and the run resumes from the newest checkpoint: it waits for step 20's.
 SIGTERM_AFTER_STEP = CHECKPOINT_EVERY
 SIGKILL_AFTER_STEP = 2 * CHECKPOINT_EVERY
+
+
+def _signal_pending_or_running(pid: int, sig: signal.Signals) -> bool:
+    """/proc/PID/status: `sig` pending for the thread or the process (SigPnd, ShdPnd: hex masks with
+    bit sig-1), or the process no longer stopped (State other than T), or gone."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return True
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & (1 << (sig - 1))) or not fields["State"].strip().startswith("T")
 
 
 def assert_same_bits(run_dir: Path, reference: Path) -> None:
@@ -261,9 +295,11 @@ def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, c
     cluster.wait_until_idle(JOB_TIMEOUT_S)  # the high job must find only this one to preempt
     job = Job(cluster, config, tmp_path)
     job.wait_for_checkpoint(SIGTERM_AFTER_STEP)
+    held = job.hold()  # mid-run until the preemption's SIGTERM is there (it once came after step 100)
     # A whole node in the high partition: only the low job's cores can make room.
     high = cluster.sbatch(["--partition=high", "--nodes=1", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
                           cwd=tmp_path)  # fmt: skip
+    job.release_once_signalled(held)
     info = job.wait_until_done(restarts=1)
     assert state(info) == ("COMPLETED", "0:0", "1"), job.output
     assert cluster.job(high)["JobState"] == "COMPLETED"
@@ -278,8 +314,11 @@ def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, c
 
 
 def send_time_limit_signal(job: Job) -> None:
-    """What --signal=B:TERM@<grace> sends when the time limit nears: SIGTERM to the batch shell only."""
+    """What --signal=B:TERM@<grace> sends when the time limit nears: SIGTERM to the batch shell only
+    (which forwards it to the steps), the workers held mid-run until it reaches them."""
+    held = job.hold()
     job.cluster.client("scancel", "--batch", "--signal=TERM", str(job.id))
+    job.release_once_signalled(held)
 
 
 def kill_worker_of_rank_1(job: Job) -> None:
