@@ -3,6 +3,7 @@
     python tests/tools/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
     python tests/tools/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
     python tests/tools/bench.py --profile [--data data] [KEY=VALUE ...]
+    python tests/tools/bench.py --kernels [--rounds 6]
 
 CPU (`make bench`), four measurements, each in a fresh process, alternating within every
 round so that load from elsewhere on the machine lands on all of them alike:
@@ -19,6 +20,11 @@ tutorial's output and the job's summary.json name the device); a row that fails 
 is marked FAILED in the table, the others are kept. Besides the epoch's samples/s, a job row
 shows its steady speed (the median step) and its warm-up: the seconds the first steps took beyond
 steady ones, which is where speed.compile pays its compilation.
+
+--kernels measures what the CPU-kernel pin costs (job/cpu_kernels.py) apart from everything
+else: CPU seconds per training step of the seed net (batch 64, one thread, tensors already in
+memory), pinned at AVX2 and with the host's own kernels, each in a fresh process, alternating;
+CPU time, not wall time, so other work on a shared machine moves it less.
 
 --profile runs the job itself (1 process, 200 steps) under torch.profiler and prints where
 the time goes, op by op: what docs/PERFORMANCE.md's analysis starts from.
@@ -58,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="the comparison on one CUDA device")
     parser.add_argument("--profile", action="store_true", help="print the job's training step, op by op")
+    parser.add_argument("--kernels", action="store_true", help="CPU time per step: AVX2 pin vs the host's kernels")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: rounds of the four measurements")
     parser.add_argument("--data", default="data", help="directory holding MNIST/raw/")
     parser.add_argument(
@@ -67,6 +74,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.profile:
         return profile(args)
+    if args.kernels:
+        return kernel_cost(args.rounds)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("bench: --gpu needs a CUDA device and torch sees none (check nvidia-smi and the driver)")
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
@@ -278,6 +287,52 @@ def identical(a: Path, b: Path) -> bool:
 
 
 # --- profile --------------------------------------------------------------------------------------
+
+
+STEP_COST = """
+import json, sys, time
+from job.cpu_kernels import pin_cpu_kernels
+pin_cpu_kernels(native=sys.argv[1] == "native")
+import torch, torch.nn.functional as F
+from job.cpu_kernels import cpu_capability
+from job.model import Net
+torch.set_num_threads(1)
+torch.manual_seed(1)
+net = Net()
+optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+def step():
+    optimizer.zero_grad()
+    F.nll_loss(net(images), labels).backward()
+    optimizer.step()
+for _ in range(20):
+    step()
+start = time.process_time()
+for _ in range(300):
+    step()
+print(json.dumps({"kernels": cpu_capability(), "ms": 1000 * (time.process_time() - start) / 300}))
+"""
+
+
+def kernel_cost(rounds: int) -> int:
+    """--kernels: the median CPU milliseconds per step, pinned and native, over alternating rounds."""
+    ms: dict[str, list[float]] = {"portable": [], "native": []}
+    names: dict[str, str] = {}
+    for r in range(rounds):
+        for mode in ("portable", "native")[:: 1 if r % 2 == 0 else -1]:
+            cmd = [sys.executable, "-c", STEP_COST, mode]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            result = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+            ms[mode].append(result["ms"])
+            names[mode] = result["kernels"]
+            shown = f"{mode} ({result['kernels']}): {result['ms']:.2f} ms CPU per step"
+            print(f"round {r + 1}/{rounds} {shown}", flush=True)
+    pinned, native = (statistics.median(ms[mode]) for mode in ("portable", "native"))
+    print(
+        f"median CPU time per step: {pinned:.2f} ms pinned ({names['portable']}), {native:.2f} ms with the host's "
+        f"kernels ({names['native']}): the pin costs {100 * (pinned / native - 1):.0f}%; {machine(gpu=False)}"
+    )
+    return 0
 
 
 def profile(args: argparse.Namespace) -> int:
