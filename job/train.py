@@ -23,6 +23,7 @@ from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
+from job.cpu_quota import threads_per_process
 from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
@@ -417,6 +418,7 @@ class Trainer:
             "backend": self.ctx.backend,
             "launcher": self.ctx.env.launcher,
             "commit": source_commit(),
+            **({"threads_from": threads_decided_by(self.ctx)} if self.ctx.device.type == "cpu" else {}),
         }
 
 
@@ -433,7 +435,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
-            f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
+            f"{torch.get_num_threads()} thread(s) per rank"
+            + (f" ({threads_decided_by(ctx)})" if ctx.device.type == "cpu" else "")
+            + f", run directory {cfg.run_dir}"
             + (f", restart {restarts}" if restarts != "0" else "")
         )
         if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
@@ -451,6 +455,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
             raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def threads_decided_by(ctx: DistContext) -> str:
+    """What set this CPU rank's threads: OMP_NUM_THREADS, the cgroup CPU quota or the cores (job/cpu_quota.py)."""
+    return threads_per_process(ctx.env.local_world_size)[1]
 
 
 def check_compile_toolchain(device: torch.device) -> None:
