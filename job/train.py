@@ -45,6 +45,7 @@ from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
+from job.same_run import check_same_run, run_identity
 from job.seeding import (
     bit_environment,
     configure_numerics,
@@ -429,6 +430,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
             on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
             quiet_compiler()
@@ -513,5 +515,6 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))
         splits = prepare_data(cfg, ctx, splits=("test",))
         return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)
