@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, clean_env, tiny_overrides
+from helpers import REPO, clean_env, tiny_overrides, write_random_model
 
 from job.config import load_config
 from job.same_run import PER_HOST_KEYS, code_digests, disagreement, run_identity
@@ -97,10 +97,11 @@ def two_nodes(
     node_args: tuple[list[str], list[str]],
     node_env: tuple[dict, dict] = ({}, {}),
     node_checkout: tuple[Path, Path] = (REPO, REPO),
+    command: tuple[str, ...] = ("train",),
 ) -> list[subprocess.CompletedProcess[str]]:
     """Two launchers, one process each, meeting at a c10d rendezvous on this host (node 0 hosts
-    it), with `--max-restarts 3`: each node's extra overrides, environment and checkout (the
-    directory it starts in, whose job/ `python -m` imports first)."""
+    it), with `--max-restarts 3`, running `python -m job COMMAND`: each node's extra overrides,
+    environment and checkout (the directory it starts in, whose job/ `python -m` imports first)."""
     port = free_port()
     processes = []
     for node, (extra, env, checkout) in enumerate(zip(node_args, node_env, node_checkout, strict=True)):
@@ -108,7 +109,7 @@ def two_nodes(
             sys.executable, "-m", "job.launch", "--nnodes", "2", "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "same-run",
             "--rdzv-conf", f"is_host={1 - node}", "--max-restarts", "3",
-            "-m", "job", "train", *tiny_overrides(root, run_dir, "dist.timeout_s=60", *extra),
+            "-m", "job", *command, *tiny_overrides(root, run_dir, "dist.timeout_s=60", *extra),
         ]  # fmt: skip
         environ = clean_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **env)
         processes.append(
@@ -186,6 +187,21 @@ def test_a_node_running_code_where_one_constant_differs_stops_the_job(tiny_root,
     line, ranks = assert_stopped_at_start(results, run_dir)
     assert re.search(r"code job/preemption\.py is '[0-9a-f]{12}' on rank 0 but '[0-9a-f]{12}' on rank 1", line), line
     assert line.count(" is ") == 1, f"only that file differs: {line}"
+
+
+@pytest.mark.processes
+def test_evaluate_on_nodes_running_other_code_stops_too(tiny_root, tmp_path) -> None:
+    """The other multi-rank command: `evaluate` at two ranks checks the same way."""
+    model = write_random_model(tmp_path, seed=0) / "model.pt"
+    copy = tmp_path / "other-code"
+    shutil.copytree(REPO / "job", copy / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    edit_constant(copy / "job")
+    run_dir = tmp_path / "run"
+    command = ("evaluate", "--checkpoint", str(model))
+    results = two_nodes(tiny_root, run_dir, ([], []), ({}, {"PYTHONPATH": str(copy)}), (REPO, copy), command)
+    line, _ = assert_stopped_at_start(results, run_dir)
+    assert line.startswith("ranks disagree on the run: code job/preemption.py is "), line
+    assert not any(result.stdout.strip() for result in results), "no figures printed"
 
 
 @pytest.mark.processes
