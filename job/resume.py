@@ -108,6 +108,8 @@ def _newest_valid(files: list[Path]) -> ResumeSource:
             data = read_weights_file(path)
             check_fields(loads_weights_only(data, path), path, state_shapes())
         except NewerFileError as e:
+            if path == files[0]:
+                raise
             raise NewerFileError(
                 f"{e}; the run stopped rather than resume from an older checkpoint and later write over this one"
             ) from None
