@@ -16,9 +16,10 @@ NPROC ?= $(if $(filter-out 0,$(TORCH_GPUS)),$(TORCH_GPUS),2)
 # (a driver too old for its CUDA) is one line and exit 2, not a silent CPU run.
 DEVICE ?= $(if $(filter-out 0,$(DRIVER_GPUS)),cuda,auto)
 TRAIN_ARGS = $(if $(filter-out auto,$(DEVICE)),dist.device=$(DEVICE)) $(ARGS)
-# CPU threads per process: cores / processes, unless OMP_NUM_THREADS is already set
-# (torchrun would otherwise force 1 and warn about it).
-THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
+# CPU threads per process: the CPUs this host lets us use (cgroup CPU quota, affinity) / processes,
+# as the job decides (job/cpu_quota.py), unless OMP_NUM_THREADS is already set (torchrun would
+# otherwise force 1 and warn about it). Before `make setup` there is no venv: cores / processes.
+THREADS ?= $(shell $(PY) -m job.cpu_quota $(NPROC) 2>/dev/null || { c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1; })
 ACCELERATE_CONFIG ?= $(if $(filter-out 0,$(TORCH_GPUS)),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
 # Worker failures torchrun absorbs by restarting the group, which resumes from the newest checkpoint.
 MAX_RESTARTS ?= 3

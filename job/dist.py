@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
+from job.cpu_quota import threads_per_process
 from job.device import choose_backend_and_device
 from job.errors import (
     EXIT_BAD_INPUT,
@@ -130,11 +131,10 @@ def _int_var(environ: Mapping[str, str], name: str, minimum: int, default: int |
 
 
 def cpu_threads_per_process(env: LaunchEnv, environ: Mapping[str, str] = os.environ) -> int | None:
-    """Threads for intra-op CPU work: cores / local processes, unless OMP_NUM_THREADS decides."""
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // env.local_world_size)
+    """Threads for intra-op CPU work: the CPUs this process may use (its cgroup's CPU quota, capped
+    by its affinity cores) / local processes, at least 1; None when OMP_NUM_THREADS decides
+    (job/cpu_quota.py)."""
+    return threads_per_process(env.local_world_size, environ)[0]
 
 
 @contextmanager

@@ -57,6 +57,11 @@ class DataError(BadInputError):
     """MNIST is missing, cannot be fetched, or its files are damaged."""
 
 
+class NewerFileError(BadInputError):
+    """A file written by a newer torch or a newer version of this job than the one reading it: intact,
+    only unreadable here. Never skipped as damaged and never replaced: the fix is the newer program."""
+
+
 class LaunchError(BadInputError):
     """The launcher environment or the hardware does not fit the config."""
 

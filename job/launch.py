@@ -35,6 +35,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
@@ -214,6 +215,47 @@ def _name_this_node_loopback_in_local_runs() -> None:
     torchrun.config_from_args = config_naming_loopback
 
 
+STORE_HOST_GONE_GRACE_S = 20.0
+"""How long this node's agent keeps watching its workers after the rendezvous store stopped
+answering, before it fails as torch's would: enough for workers that are exiting to exit
+(seconds, even on a loaded host)."""
+
+
+def _outlive_the_rendezvous_host_by_a_grace() -> None:
+    """A node whose workers exit with bad input (2) reports 2, also when the node that hosts the
+    c10d rendezvous store stopped first.
+
+    Bad input that every rank sees at once (ranks disagreeing on the run, job/same_run.py) makes
+    every node's workers exit 2 together. The store lives in the host node's agent: that agent
+    sees its workers' 2, stops and takes the store with it, while another node's workers are
+    still exiting. That node's agent, which polls the store between looks at its workers
+    (`rdzv_handler.num_nodes_waiting()` in `_invoke_run`, torch/distributed/elastic/agent/server/
+    api.py), then failed with RendezvousConnectionError: exit 1, a run-time failure a scheduler
+    retries (seen in 1 of 7 two-node runs here). Within STORE_HOST_GONE_GRACE_S of the first
+    failed poll, no node is counted as waiting, so the agent goes on to see its workers' own
+    exit codes; after it, the error is raised as before (the host is gone and the workers live on).
+    """
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    count = DynamicRendezvousHandler.num_nodes_waiting
+    unanswered_since: dict[int, float] = {}
+
+    @functools.wraps(count)
+    def num_nodes_waiting(self):  # noqa: ANN001, ANN202 (torch's private signature)
+        try:
+            waiting = count(self)
+        except RendezvousConnectionError:
+            first = unanswered_since.setdefault(id(self), time.monotonic())
+            if time.monotonic() - first > STORE_HOST_GONE_GRACE_S:
+                raise
+            return 0
+        unanswered_since.pop(id(self), None)
+        return waiting
+
+    DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
+
+
 def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
     for pid in leaders:
         with contextlib.suppress(ProcessLookupError):  # that worker has already exited
@@ -252,6 +294,7 @@ def _launch() -> int:
     _keep_local_stores_on_loopback()
     _name_this_node_loopback_in_local_runs()
     _quiet_torch_notices_in_a_terminal()
+    _outlive_the_rendezvous_host_by_a_grace()
     try:
         torchrun()
     except ChildFailedError as e:

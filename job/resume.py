@@ -17,7 +17,7 @@ from typing import Any
 
 from job.checkpoint import check_fields, recipe, recipe_digest
 from job.config import Config, show
-from job.errors import BadInputError, ConfigError
+from job.errors import BadInputError, ConfigError, NewerFileError
 from job.model import state_shapes
 from job.run_dir import RunDir
 from job.safe_io import loads_weights_only, read_weights_file
@@ -100,11 +100,19 @@ def _check_no_results(run: RunDir) -> None:
 
 def _newest_valid(files: list[Path]) -> ResumeSource:
     """The newest checkpoint that loads weights-only and holds a whole training state; damaged
-    ones are reported and skipped, never deleted."""
+    ones are reported and skipped, never deleted. One written by a newer torch or job version
+    stops the search (NewerFileError): it is not damaged, and resuming from an older checkpoint
+    would overwrite it with less progress."""
     for path in reversed(files):
         try:
             data = read_weights_file(path)
             check_fields(loads_weights_only(data, path), path, state_shapes())
+        except NewerFileError as e:
+            if path == files[0]:
+                raise
+            raise NewerFileError(
+                f"{e}; the run stopped rather than resume from an older checkpoint and later write over this one"
+            ) from None
         except BadInputError as e:
             log.warning(f"skipping checkpoint {path.name}: {e}; trying the one before it")
             continue

@@ -23,6 +23,7 @@ from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
+from job.cpu_quota import threads_per_process
 from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
@@ -44,6 +45,7 @@ from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
+from job.same_run import check_same_run, run_identity
 from job.seeding import (
     bit_environment,
     configure_numerics,
@@ -417,6 +419,7 @@ class Trainer:
             "backend": self.ctx.backend,
             "launcher": self.ctx.env.launcher,
             "commit": source_commit(),
+            **({"threads_from": threads_decided_by(self.ctx)} if self.ctx.device.type == "cpu" else {}),
         }
 
 
@@ -427,13 +430,16 @@ def run_training(cfg: Config) -> dict[str, Any]:
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
             on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
             quiet_compiler()
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
-            f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
+            f"{torch.get_num_threads()} thread(s) per rank"
+            + (f" ({threads_decided_by(ctx)})" if ctx.device.type == "cpu" else "")
+            + f", run directory {cfg.run_dir}"
             + (f", restart {restarts}" if restarts != "0" else "")
         )
         if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
@@ -451,6 +457,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
             raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def threads_decided_by(ctx: DistContext) -> str:
+    """What set this CPU rank's threads: OMP_NUM_THREADS, the cgroup CPU quota or the cores (job/cpu_quota.py)."""
+    return threads_per_process(ctx.env.local_world_size)[1]
 
 
 def check_compile_toolchain(device: torch.device) -> None:
@@ -504,5 +515,6 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))
         splits = prepare_data(cfg, ctx, splits=("test",))
         return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)
