@@ -35,6 +35,7 @@ from job.errors import (
     message_line,
 )
 from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
+from job.node_address import talk_over_this_nodes_address
 
 T = TypeVar("T")
 
@@ -165,6 +166,8 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         # torch's own timeout does not cover every wait: a client whose MASTER_PORT is held by a
         # program that accepts and never answers waits in the store's handshake indefinitely.
         _wait_until_resolvable(os.environ["MASTER_ADDR"], cfg.timeout_s)
+        if not all_here:  # gloo would take its address from the host name: 127.0.1.1 on Debian hosts
+            talk_over_this_nodes_address(os.environ["MASTER_ADDR"])
         no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
         try:
             with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
