@@ -35,8 +35,8 @@ dist.timeout_s is shorter): they time out within moments of each other, all havi
 collective that the stuck rank never reached."""
 
 FLIGHT_RECORDER_ENTRIES = 2000
-"""torch's default ring of collective events (TORCH_FR_BUFFER_SIZE, FlightRecorder.hpp), said
-explicitly: torch releases before 2.5 recorded nothing by default."""
+"""torch 2.14.1's default ring of collective events (TORCH_FR_BUFFER_SIZE, FlightRecorder.hpp),
+said explicitly so that another torch's default does not decide whether anything is recorded."""
 
 
 @dataclass
@@ -153,10 +153,13 @@ def hang_report(
     else:
         missing = [r for r in range(world_size) if r not in answers]
         elsewhere = [f"rank {r} waited at {where}" for r, where in sorted(answers.items()) if where != at.collective()]
-        who = (
-            f"rank{'s' if len(missing) != 1 else ''} {', '.join(map(str, missing)) or 'none'} did not arrive at "
-            f"{at.collective()}"
-        ) + (f" ({'; '.join(elsewhere)})" if elsewhere else "")
+        if missing:
+            ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+            who = f"{ranks} did not arrive at {at.collective()}"
+        else:
+            who = f"every rank answered after the timeout at {at.collective()} (a slow rank, not a stopped one)"
+        if elsewhere:
+            who += f" ({'; '.join(elsewhere)})"
     stacks = write_stacks(run_dir, rank, error)
     files = f"this rank's stacks: {stacks}" if stacks else "no run directory yet for this rank's stacks"
     if backend == "nccl":
