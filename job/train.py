@@ -37,6 +37,7 @@ from job.dist import (
     read_launch_env,
 )
 from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
+from job.hang import flight_recorder_env, hang_report, make_flight_recorder_dir
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
@@ -234,7 +235,9 @@ class Trainer:
         self.step_model.train()
         samples_before, checkpoint_seconds, start = self.progress.samples_trained, 0.0, time.perf_counter()
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
+        self.ctx.at.phase = None
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
+            self.ctx.at.step = self.progress.global_step + 1  # what a collective timeout names (job/hang.py)
             vote = self.start_stop_vote(stop, batch_idx)  # overlaps the step's work
             loss = self.step(images, labels)
             # Every rank's batch is the same size, so the mean of rank means is the global batch mean.
@@ -319,6 +322,7 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.speed.bf16)
 
     def test(self, epoch: int) -> dict[str, Any]:
+        self.ctx.at.phase = f"testing epoch {epoch}"
         result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
         log.info(
             f"Test set: Avg. loss: {result['test_loss']:.4f}, Accuracy: {result['correct']}/{result['count']} "
@@ -428,6 +432,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
+    flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
     with distributed(cfg.dist, env) as ctx:
         setup_logging(ctx.rank, ctx.world_size)
         check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
@@ -451,7 +456,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
         try:
             summary = _train(cfg, ctx)
         except RuntimeError as e:
-            lost = peer_lost_error(e, cfg.dist.timeout_s)
+            where = (ctx.at, ctx.rank, ctx.world_size, cfg.dist.timeout_s, cfg.run_dir, ctx.backend, e)
+            lost = peer_lost_error(e, cfg.dist.timeout_s, functools.partial(hang_report, *where))
             if lost is None:
                 raise
             raise lost from None
@@ -505,6 +511,8 @@ def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
         trainer.load_state_dict(state, name)
     prepare = functools.partial(prepare_run_dir, cfg, state is not None, trainer.environment)
     on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", prepare)
+    if ctx.backend == "nccl" and make_flight_recorder_dir(cfg.run_dir) and ctx.is_leader:
+        log.info(f"A collective timeout writes torch's NCCL flight recorder to {cfg.run_dir}/hang/nccl-trace-rank-N")
     return trainer.fit()
 
 
