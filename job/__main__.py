@@ -16,6 +16,7 @@ from job.config import DataConfig, dump_config, expand_path, load_config, rank_b
 from job.console import setup_logging
 from job.errors import EXIT_BAD_INPUT, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
+from job.launcher_watch import stop_when_the_launcher_dies
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +146,7 @@ def _env_int(name: str, default: int = 0) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(_env_int("RANK"), _env_int("WORLD_SIZE", 1))
+    stop_when_the_launcher_dies()
     try:
         return args.func(args)
     except JobError as e:
