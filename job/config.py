@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from job.errors import ConfigError
+from job.files import read_regular
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MNIST_TRAIN_SIZE = 60_000
@@ -228,10 +229,9 @@ def rank_batch_size(global_batch_size: int, world_size: int) -> int:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+    raw = read_regular(path, "config file", "pass --config with an existing YAML file", error=ConfigError)
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(raw.decode())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

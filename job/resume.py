@@ -16,6 +16,7 @@ from typing import Any
 from job.checkpoint import check_fields, recipe, recipe_digest
 from job.config import Config, show
 from job.errors import BadInputError, ConfigError
+from job.files import not_a_regular_file
 from job.model import state_shapes
 from job.run_dir import RunDir
 from job.safe_io import loads_weights_only, read_weights_file
@@ -54,8 +55,9 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
 
 
 def _read_given(path: Path) -> ResumeSource:
-    if not path.is_file():
-        raise BadInputError(f"train.resume={path} does not exist; pass a checkpoint file, or auto / never")
+    why = not_a_regular_file(path)
+    if why:
+        raise BadInputError(f"train.resume={path} {why}; pass a checkpoint file, or auto / never")
     return ResumeSource(path, read_weights_file(path))
 
 

@@ -7,6 +7,7 @@ tests all find these files through RunDir.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from job.checkpoint import CheckpointDir
 from job.errors import BadInputError
+from job.files import open_no_follow, refuse_symlinks, write_error_kind, write_fix
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,14 @@ class RunDir:
         """Present while a job runs here (RunDirLock), removed when it ends."""
         return self.path / ".lock"
 
+    def written(self) -> list[Path]:
+        """Every entry a job writes into or through (files and directories): none may be a symbolic
+        link (job/files.py)."""
+        return [
+            self.lock, self.config, self.metrics, self.tensorboard, self.checkpoints.path,
+            self.model, self.summary, self.plots,
+        ]  # fmt: skip
+
     def contents(self) -> list[Path]:
         """What the directory holds, the running job's lock aside."""
         return [p for p in self.path.iterdir() if p != self.lock] if self.path.is_dir() else []
@@ -88,7 +98,9 @@ class RunDirLock:
         self._created = False
 
     def acquire(self) -> None:
-        """Take the lock or raise BadInputError naming the holder; creates the directory if needed."""
+        """Take the lock; creates the directory if needed. BadInputError naming the holder, or a
+        symbolic link among the run directory's entries; a write that fails is one line that fits
+        its errno (RunFailedError for a full disk, BadInputError otherwise)."""
         path = self.run.path
         if path.exists() and not path.is_dir():
             raise BadInputError(f"run.dir {path} is a file, not a directory; choose another run.dir")
@@ -99,6 +111,7 @@ class RunDirLock:
             raise BadInputError(
                 f"cannot write run directory {path} ({e.strerror}); set run.dir to a writable path"
             ) from None
+        refuse_symlinks(self.run.written())
         deadline = time.monotonic() + self.WAIT_FOR_OTHER_HOSTS_S
         while True:
             try:
@@ -117,24 +130,36 @@ class RunDirLock:
                     "end, or pass run.name=<new name> (or run.dir=<new dir>)"
                 )
             time.sleep(2)
-        os.ftruncate(fd, 0)
-        os.write(
-            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
-        )
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            os.write(fd, holder.encode())
+        except OSError as e:
+            self.release()
+            raise write_error_kind(e)(
+                f"cannot write {self.run.lock} ({e.strerror}); {write_fix(e)} and run the same command again"
+            ) from None
 
     def release(self) -> None:
+        """Let go of the lock, never raising: it runs in a `finally`, after what may be the error the
+        user must see. The kernel drops the flock when the descriptor closes, so a `.lock` file
+        that cannot be removed (a read-only or full disk by now) is only a leftover the next job
+        locks and overwrites."""
         if self._fd is None:
             return
-        self.run.lock.unlink(missing_ok=True)  # before unlocking: a waiter never locks a removed file
-        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self.run.lock.unlink(missing_ok=True)  # before unlocking: a waiter never locks a removed file
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
         self._fd = None
-        self._remove_if_created()
+        with contextlib.suppress(OSError):
+            self._remove_if_created()
 
     def _open_locked(self) -> int | None:
         """A descriptor of `.lock` holding the lock, or None while another process holds it."""
         while True:
-            fd = os.open(self.run.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_no_follow(self.run.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

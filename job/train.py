@@ -34,6 +34,7 @@ from job.dist import (
     read_launch_env,
 )
 from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
+from job.files import write_fix
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
@@ -206,8 +207,8 @@ class Trainer:
                 write()
             except OSError as e:
                 raise RunFailedError(
-                    f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: free space "
-                    "there and run the same command again, which writes the results again"
+                    f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: "
+                    f"{write_fix(e)} and run the same command again, which writes the results again"
                 ) from None
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:
