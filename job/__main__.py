@@ -18,6 +18,7 @@ from job.console import setup_logging
 from job.cpu_kernels import pin_cpu_kernels
 from job.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
+from job.launcher_watch import stop_when_the_launcher_dies
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,6 +156,7 @@ def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
     args = build_parser().parse_args(argv)
     exiting = _ignore_ctrl_c if as_program else lambda: None
     setup_logging(_env_int("RANK"), _env_int("WORLD_SIZE", 1))
+    stop_when_the_launcher_dies()
     try:
         return args.func(args)
     except JobError as e:

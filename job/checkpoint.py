@@ -30,6 +30,7 @@ import torch
 
 from job.config import Config, get_dotted
 from job.errors import BadInputError, NewerFileError, RunFailedError, message_line
+from job.files import write_fix
 from job.progress import FIELDS as PROGRESS_FIELDS
 from job.progress import Progress
 from job.safe_io import atomic_save
@@ -215,7 +216,7 @@ class CheckpointDir:
         except OSError as e:
             raise RunFailedError(
                 f"cannot write checkpoint {path} ({e.strerror or message_line(e)}); the previous checkpoints are "
-                "intact: free space there (or lower checkpoint.keep) and start the job again to resume"
+                f"intact: {write_fix(e)} (or lower checkpoint.keep) and start the job again to resume"
             ) from None
         for old in self.files()[:-keep]:
             old.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from job.errors import ConfigError
+from job.files import read_regular
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 MNIST_TRAIN_SIZE = 60_000
@@ -275,10 +276,9 @@ def parse_yaml(text: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+    raw = read_regular(path, "config file", "pass --config with an existing YAML file", error=ConfigError)
     try:
-        tree = parse_yaml(path.read_text())
+        tree = parse_yaml(raw.decode())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

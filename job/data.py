@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from job.errors import DataError, message_line
+from job.files import not_a_regular_file, open_regular, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,16 @@ def raw_dir(root: str | Path) -> Path:
 
 
 def missing_files(root: str | Path) -> list[str]:
-    return [name for name in SHA256 if not (raw_dir(root) / name).is_file()]
+    """The raw files not under root; DataError for one that is there but not a regular file (a FIFO
+    would block the reader, and a fetch would not replace it)."""
+    missing = []
+    for name in SHA256:
+        why = not_a_regular_file(raw_dir(root) / name)
+        if why == "does not exist":
+            missing.append(name)
+        elif why:
+            raise DataError(f"{raw_dir(root) / name} {why}; put the raw IDX file there, or delete it to fetch it")
+    return missing
 
 
 def ensure_mnist(root: str | Path, download: bool, verify: bool) -> None:
@@ -184,7 +194,7 @@ def verify_checksums(root: str | Path) -> None:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "data file", "put the raw IDX file there", error=DataError) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -203,10 +213,7 @@ def _check_sha256(path: Path) -> None:
 def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
     """An IDX file (unsigned bytes, `ndim` dimensions) as a uint8 tensor; damage raises DataError."""
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    blob = read_regular(path, "data file", "put the raw IDX file there (python -m job data fetches MNIST)", DataError)
     header = 4 + 4 * ndim
     if len(blob) < header:
         raise DataError(f"{path} is truncated ({len(blob)} bytes, shorter than its header); fetch it again")

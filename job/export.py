@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.errors import BadInputError, message_line
+from job.files import read_regular
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -173,10 +174,9 @@ def onnx_reader(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime
 
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"model {path} does not exist; pass an onnx file (python -m job export --format onnx)")
+    onnx = read_regular(path, "model", "pass an onnx file (python -m job export --format onnx)")
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(onnx, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own error types (InvalidProtobuf, Fail, ...) have no common base
         raise BadInputError(f"model {path} is not an onnx model onnxruntime can load ({message_line(e)})") from None
     inputs, outputs = session.get_inputs(), session.get_outputs()

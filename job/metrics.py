@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from job.errors import RunFailedError, message_line
+from job.files import open_no_follow, write_fix
 from job.run_dir import RunDir
 from job.safe_io import atomic_write_text
 
@@ -56,7 +57,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
             except OSError as e:
                 self.failure = RunFailedError(
                     f"cannot write the metrics in {self.run.path} ({e.strerror or message_line(e)}); the "
-                    "checkpoints are intact: free space there and run the same command again to resume"
+                    f"checkpoints are intact: {write_fix(e)} and run the same command again to resume"
                 )
 
     return write
@@ -80,14 +81,14 @@ class Metrics(NullMetrics):
             if path.exists():
                 kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= start_step]
                 atomic_write_text(path, "".join(kept))
-            self._jsonl = open(path, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self._jsonl = open(path, "a", buffering=1, opener=open_no_follow)  # noqa: SIM115 (closed in close())
             self._previous_excepthook = threading.excepthook
             threading.excepthook = self._quiet_event_writer
             self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1 if start_step else None)
         except OSError as e:
             raise RunFailedError(
-                f"cannot write the metrics in {run.path} ({e.strerror or message_line(e)}); free space there or "
-                "make it writable, and run the same command again"
+                f"cannot write the metrics in {run.path} ({e.strerror or message_line(e)}); {write_fix(e)} "
+                "and run the same command again"
             ) from None
 
     def _event(self, **fields: Any) -> None:

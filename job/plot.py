@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from job import data
 from job.config import load_config
 from job.errors import BadInputError, RunFailedError, message_line
+from job.files import kind_of, not_a_regular_file, read_regular, refuse_symlinks, write_fix
 from job.model import load_model
 from job.run_dir import RunDir
 from job.safe_io import atomic_write_bytes
@@ -37,7 +38,8 @@ DPI = 100
 def read_events(metrics_file: Path) -> list[dict[str, Any]]:
     """metrics.jsonl's events; a run that crashed mid-line leaves a partial last line, skipped with a warning."""
     events, skipped = [], 0
-    for line in metrics_file.read_text().splitlines():
+    text = read_regular(metrics_file, "metrics", "pass a run directory that `train` wrote").decode(errors="replace")
+    for line in text.splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
@@ -152,14 +154,17 @@ def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
     """Write the three figures of a run directory into its plots/; returns their paths."""
     run = RunDir(Path(run_dir))
     if not run.path.is_dir():
-        raise BadInputError(
-            f"run directory {run.path} does not exist; pass the directory a training run wrote (runs/<name>)"
-        )
+        why = f"is {kind_of(run.path.stat().st_mode)}" if run.path.exists() else "does not exist"
+        raise BadInputError(f"run directory {run.path} {why}; pass the directory a training run wrote (runs/<name>)")
     for path in (run.config, run.metrics):
-        if not path.is_file():
+        why = not_a_regular_file(path)
+        if why == "does not exist":
             raise BadInputError(
                 f"{run.path} has no {path.name}, so it is not a run directory; pass one that `train` wrote"
             )
+        if why:
+            raise BadInputError(f"{path} {why}; pass a run directory that `train` wrote")
+    refuse_symlinks([run.plots])
     cfg = load_config(run.config)
     root = data_root or cfg.data.root
     curve = training_curve(read_events(run.metrics))  # before the slow steps: bad metrics fail fast
@@ -185,6 +190,6 @@ def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
         kind = RunFailedError if e.errno in (errno.ENOSPC, errno.EDQUOT) else BadInputError
         raise kind(
             f"cannot write {run.plots} ({e.strerror or message_line(e)}); the run's other files are unchanged: "
-            "free space there or make it writable, and plot again"
+            f"{write_fix(e)} and plot again"
         ) from None
     return [run.plots / name for name in figures]

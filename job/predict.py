@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from job.data import normalize
 from job.errors import message_line
+from job.files import open_regular
 from job.model import load_model
 
 FIELD, BOX = 28, 20
@@ -68,18 +69,14 @@ at most this: a digit needs far fewer pixels, and the float copies below stay sm
 def read_grey(path: str | Path) -> np.ndarray:
     """The image as float grey levels (any size up to MAX_PIXELS, colour or grey, 8 or 16 bits, or
     float); unreadable, oversized or non-finite files raise ImageFileError."""
+    fix = "pass the path of a PNG or JPEG image"
     try:
-        with Image.open(path) as image:  # reads the header only
+        # A regular file only (a FIFO would block); Image.open reads the header only.
+        with open_regular(path, "", fix, ImageFileError) as f, Image.open(f) as image:
             _check_size(path, image.size)
             image.load()  # decode now: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
             return _grey(_shrunk(image))
-    except FileNotFoundError:
-        raise ImageFileError(f"{path} does not exist; pass the path of a PNG or JPEG image") from None
-    except PermissionError:
-        raise ImageFileError(f"{path} cannot be read (permission denied); check the file's permissions") from None
-    except IsADirectoryError:
-        raise ImageFileError(f"{path} is a directory; pass the path of a PNG or JPEG image") from None
     except UnidentifiedImageError:
         raise ImageFileError(f"{path} is not an image Pillow can read; pass a PNG or JPEG image") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from job.dist import DistContext
+from job.errors import PreemptedError
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,14 @@ class StopRequest:
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        if exc_type is not None and issubclass(exc_type, PreemptedError):
+            # Stopping already, checkpoint written: a later SIGTERM (this rank's own, when another
+            # rank's request stopped it first; the launcher's watch, job/launcher_watch.py) must
+            # not kill it now and turn its exit 75 into death by signal.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT and self.signal_name == "SIGINT":

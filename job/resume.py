@@ -18,6 +18,7 @@ from typing import Any
 from job.checkpoint import check_fields, recipe, recipe_digest
 from job.config import Config, show
 from job.errors import BadInputError, ConfigError, NewerFileError
+from job.files import not_a_regular_file, read_regular
 from job.model import state_shapes
 from job.run_dir import RunDir
 from job.safe_io import loads_weights_only, read_weights_file
@@ -63,18 +64,19 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
 def _finished_results(run: RunDir) -> bytes | None:
     """summary.json's bytes when a run that trained every epoch also wrote its results (else None:
     the job evaluates the final checkpoint again and writes them)."""
-    if not run.model.is_file():
+    if not_a_regular_file(run.model) or not_a_regular_file(run.summary):
         return None
     try:
-        data = run.summary.read_bytes()
+        data = read_regular(run.summary, "", "")
         return data if "test_accuracy" in json.loads(data) else None
-    except (OSError, ValueError, TypeError):  # unreadable or not ours: written again
+    except (BadInputError, ValueError, TypeError):  # unreadable or not ours: written again
         return None
 
 
 def _read_given(path: Path) -> ResumeSource:
-    if not path.is_file():
-        raise BadInputError(f"train.resume={path} does not exist; pass a checkpoint file, or auto / never")
+    why = not_a_regular_file(path)
+    if why:
+        raise BadInputError(f"train.resume={path} {why}; pass a checkpoint file, or auto / never")
     return ResumeSource(path, read_weights_file(path))
 
 

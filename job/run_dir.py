@@ -7,15 +7,21 @@ tests all find these files through RunDir.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from job.checkpoint import CheckpointDir
-from job.errors import BadInputError
+from job.errors import BadInputError, RunFailedError
+from job.files import open_no_follow, refuse_symlinks, write_error_kind, write_fix
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,14 @@ class RunDir:
         """Present while a job runs here (RunDirLock), removed when it ends."""
         return self.path / ".lock"
 
+    def written(self) -> list[Path]:
+        """Every entry a job writes into or through (files and directories): none may be a symbolic
+        link (job/files.py)."""
+        return [
+            self.lock, self.config, self.metrics, self.tensorboard, self.checkpoints.path,
+            self.model, self.summary, self.plots,
+        ]  # fmt: skip
+
     def contents(self) -> list[Path]:
         """What the directory holds, the running job's lock aside."""
         return [p for p in self.path.iterdir() if p != self.lock] if self.path.is_dir() else []
@@ -69,6 +83,64 @@ class RunDir:
         return [path for path in (self.model, self.summary) if path.exists()]
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+"""A random UUID the Linux kernel draws at each boot: the same for every process (and container)
+under one kernel, different on every other host and after every reboot."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a run directory's lock, as `.lock` names it: the process and the kernel it runs
+    under. Host names are for people only; they repeat across a Job's pods and hosts."""
+
+    pid: int
+    host: str
+    boot_id: str
+    """The holder's kernel's BOOT_ID; empty where the platform has none."""
+    start: str
+    """The pid's start time in clock ticks since boot (/proc/PID/stat, field 22): a pid reused by
+    another process has another start time."""
+
+    _FORMAT = re.compile(r"pid (\d+) on (\S+) \(boot (\S*), started (\S*)\)")
+
+    @classmethod
+    def this_process(cls) -> Holder:
+        return cls(os.getpid(), socket.gethostname(), _boot_id(), _start_ticks(os.getpid()))
+
+    @classmethod
+    def parse(cls, line: str) -> Holder | None:
+        """The holder a `.lock` line names; None for a line this version did not write (an older
+        job's, or one cut short), whose holder is then treated as one this process cannot see."""
+        match = cls._FORMAT.match(line)
+        return cls(int(match[1]), match[2], match[3], match[4]) if match else None
+
+    def describe(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        return f"pid {self.pid} on {self.host} (boot {self.boot_id}, started {self.start}) since {since}"
+
+    def alive_here(self) -> bool:
+        """Whether this is a live process of this kernel that this process can see: same boot id,
+        and its pid (in this pid namespace) started at the same tick. A frozen pod's process on
+        another node, or in a container's pid namespace of its own, is not."""
+        return bool(self.boot_id) and self.boot_id == _boot_id() and self.start == _start_ticks(self.pid)
+
+
+def _boot_id() -> str:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot; empty when it is gone or unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rpartition(")")[2].split()[19]  # field 22; the command name may hold spaces
+
+
 class RunDirLock:
     """Rank 0's exclusive hold on a run directory for the whole run, so that two jobs started on
     one directory cannot overwrite each other's checkpoints and results.
@@ -76,11 +148,20 @@ class RunDirLock:
     An flock(2) on `.lock` (NFSv4 and local filesystems honour it), released by the kernel when
     the holder dies, so a killed job never leaves a stale lock. The file names the holder, and
     is removed on a clean release; a directory this job created and left empty goes too.
+
+    The holder is told apart by its kernel's boot id, its pid and the pid's start time (Holder),
+    never by host name: a Kubernetes Indexed Job's replacement pod keeps the host name
+    `<job>-<index>` of the pod it replaces, which may still hold the lock (frozen, or on a node
+    whose NFS lease has not expired). A holder this process can see alive (same boot, its pid
+    running since the same tick) is another job on this host: refused at once. Any other holder
+    is waited for, up to WAIT_FOR_OTHER_HOSTS_S. Contention is a run-time condition either way
+    (RunFailedError, exit 1: a retry may find the directory free), never bad input: a scheduler
+    that fails a job for good on exit 2 (the Job's podFailurePolicy) must not do so here.
     """
 
     WAIT_FOR_OTHER_HOSTS_S = 120
-    """How long to wait for a holder on another host before giving up: a lock held by a host that
-    died lasts until its NFS lease expires (90 s by default), e.g. when a pod is replaced."""
+    """How long to wait for a holder this process cannot see before giving up: a lock held by a host
+    that died lasts until its NFS lease expires (90 s by default), e.g. when a pod is replaced."""
 
     def __init__(self, run: RunDir) -> None:
         self.run = run
@@ -88,7 +169,9 @@ class RunDirLock:
         self._created = False
 
     def acquire(self) -> None:
-        """Take the lock or raise BadInputError naming the holder; creates the directory if needed."""
+        """Take the lock; creates the directory if needed. BadInputError naming the holder, or a
+        symbolic link among the run directory's entries; a write that fails is one line that fits
+        its errno (RunFailedError for a full disk, BadInputError otherwise)."""
         path = self.run.path
         if path.exists() and not path.is_dir():
             raise BadInputError(f"run.dir {path} is a file, not a directory; choose another run.dir")
@@ -99,7 +182,8 @@ class RunDirLock:
             raise BadInputError(
                 f"cannot write run directory {path} ({e.strerror}); set run.dir to a writable path"
             ) from None
-        deadline = time.monotonic() + self.WAIT_FOR_OTHER_HOSTS_S
+        refuse_symlinks(self.run.written())
+        deadline, waiting = time.monotonic() + self.WAIT_FOR_OTHER_HOSTS_S, False
         while True:
             try:
                 fd = self._open_locked()
@@ -110,31 +194,49 @@ class RunDirLock:
             if fd is not None:
                 break
             holder = self._holder()
-            if f" on {socket.gethostname()} since " in holder or time.monotonic() > deadline:
+            here = Holder.parse(holder)
+            if (here is not None and here.alive_here()) or time.monotonic() > deadline:
                 self._remove_if_created()
-                raise BadInputError(
+                raise RunFailedError(
                     f"run directory {path} is in use by another job ({holder or 'holder unknown'}); wait for it to "
                     "end, or pass run.name=<new name> (or run.dir=<new dir>)"
                 )
+            if not waiting:
+                log.warning(
+                    f"run directory {path} is locked by another job ({holder or 'holder unknown'}), on another host "
+                    f"or an earlier boot: waiting up to {self.WAIT_FOR_OTHER_HOSTS_S} s for it to end"
+                )
+                waiting = True
             time.sleep(2)
-        os.ftruncate(fd, 0)
-        os.write(
-            fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()
-        )
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (Holder.this_process().describe() + "\n").encode())
+        except OSError as e:
+            self.release()
+            raise write_error_kind(e)(
+                f"cannot write {self.run.lock} ({e.strerror}); {write_fix(e)} and run the same command again"
+            ) from None
 
     def release(self) -> None:
+        """Let go of the lock, never raising: it runs in a `finally`, after what may be the error the
+        user must see. The kernel drops the flock when the descriptor closes, so a `.lock` file
+        that cannot be removed (a read-only or full disk by now) is only a leftover the next job
+        locks and overwrites."""
         if self._fd is None:
             return
-        self.run.lock.unlink(missing_ok=True)  # before unlocking: a waiter never locks a removed file
-        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            self.run.lock.unlink(missing_ok=True)  # before unlocking: a waiter never locks a removed file
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
         self._fd = None
-        self._remove_if_created()
+        with contextlib.suppress(OSError):
+            self._remove_if_created()
 
     def _open_locked(self) -> int | None:
         """A descriptor of `.lock` holding the lock, or None while another process holds it."""
         while True:
-            fd = os.open(self.run.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = open_no_follow(self.run.lock, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -149,8 +251,8 @@ class RunDirLock:
 
     def _holder(self) -> str:
         try:
-            return self.run.lock.read_text().strip()[:200]
-        except OSError:
+            return self.run.lock.read_text().strip()[:300]
+        except (OSError, UnicodeDecodeError):
             return ""
 
     def _remove_if_created(self) -> None:

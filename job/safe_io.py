@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from job.errors import BadInputError, NewerFileError, message_line
+from job.files import not_a_regular_file, open_regular
 
 
 def _create_temp(target: Path) -> tuple[Path, int]:
@@ -84,15 +85,14 @@ Checked before anything is allocated: a 1.5 MB zip can unpack to gigabytes."""
 def read_weights_file(path: str | Path) -> bytes:
     """A weights file's bytes, at most MAX_WEIGHTS_BYTES; BadInputError when missing, unreadable or larger."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"checkpoint {path} does not exist; pass the path of a model.pt or checkpoint file")
-    try:
-        size = path.stat().st_size
-        if size > MAX_WEIGHTS_BYTES:
-            raise BadInputError(_too_big(path, size))
-        return path.read_bytes()
-    except OSError as e:
-        raise BadInputError(f"checkpoint {path} cannot be read ({e.strerror})") from None
+    with open_regular(path, "checkpoint", "pass the path of a model.pt or checkpoint file") as f:
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_WEIGHTS_BYTES:
+                raise BadInputError(_too_big(path, size))
+            return f.read()
+        except OSError as e:
+            raise BadInputError(f"checkpoint {path} cannot be read ({e.strerror})") from None
 
 
 def _too_big(name: str | Path, size: int) -> str:
@@ -113,7 +113,7 @@ def load_weights(path: str | Path) -> Any:
     load_weights_only, or a safetensors file (what `python -m job export` writes) as its tensors.
     BadInputError as load_weights_only."""
     path = Path(path)
-    if path.is_file() and _is_safetensors(path):
+    if not_a_regular_file(path) is None and _is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load
 

@@ -37,6 +37,7 @@ from job.dist import (
     read_launch_env,
 )
 from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
+from job.files import write_fix
 from job.hang import flight_recorder_env, hang_report, make_flight_recorder_dir
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
@@ -211,8 +212,8 @@ class Trainer:
                 write()
             except OSError as e:
                 raise RunFailedError(
-                    f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: free space "
-                    "there and run the same command again, which writes the results again"
+                    f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: "
+                    f"{write_fix(e)} and run the same command again, which writes the results again"
                 ) from None
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:

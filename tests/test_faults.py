@@ -8,6 +8,7 @@ The data is generated: 3200 samples, 50 steps per epoch, a checkpoint every 10 s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pty
 import re
@@ -101,6 +102,78 @@ def test_a_killed_job_started_again_ends_with_the_uninterrupted_bits(medium_root
     again = run_job(train_args(medium_root, run_dir), nproc=2)
     assert_ok(again)
     assert 20 <= resumed_step(again.stdout) < 2 * STEPS_PER_EPOCH, "resumed mid-run, not after an orphan finished it"
+    assert_same_weights(run_dir, reference[2])
+
+
+@contextlib.contextmanager
+def adopting_orphans():
+    """While inside, processes orphaned below this one are re-parented to it (Linux's
+    PR_SET_CHILD_SUBREAPER), so the test can wait for them and read their exit codes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def wait_for_adopted(pids: list[int], timeout: float) -> dict[int, int]:
+    """The exit codes of adopted orphans (negative: killed by that signal), once all have exited."""
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(codes) < len(pids) and time.monotonic() < deadline:
+        for pid in set(pids) - set(codes):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    for pid in set(pids) - set(codes):  # still running: end them, so nothing outlives the test
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    return codes
+
+
+LAUNCHERS = {
+    "job.launch": [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job"],
+    "torchrun": torchrun(2),
+    "accelerate": [
+        str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "job",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medium_root, reference, tmp_path, launcher):
+    """Issue 22 case 1: `kill -9` of the launcher's process group (a terminal's kill, the OOM
+    killer taking the agent) leaves the workers, each in a session of its own, without a parent.
+    They stop as if preempted: a checkpoint, exit 75; the same command again resumes there."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    with adopting_orphans():
+        job = start([*LAUNCHERS[launcher], *train_args(medium_root, run_dir)], log)
+        wait_for_checkpoint(run_dir, 20, [job], log)
+        workers = [p.pid for p in psutil.Process(job.pid).children(recursive=True) if "job" in p.cmdline()]
+        assert len(workers) == 2, psutil.Process(job.pid).children(recursive=True)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        codes = wait_for_adopted(workers, timeout=60)
+    output = log.read_text()
+    assert list(codes.values()) == [EXIT_PREEMPTED] * 2, f"worker exit codes {codes}:\n{output}"
+    assert "the launcher (pid" in output and not (run_dir / "model.pt").exists(), output
+    stops = {int(step) for step in re.findall(r"stopped: by SIGTERM after step (\d+)", output)}
+    assert len(stops) == 1, output
+    (step,) = stops
+    assert checkpoint(run_dir, step).is_file()
+
+    again = subprocess.run(
+        [*LAUNCHERS[launcher], *train_args(medium_root, run_dir)], env=clean_env(), capture_output=True, text=True
+    )
+    assert_ok(again)
+    assert resumed_step(again.stdout + again.stderr) == step
     assert_same_weights(run_dir, reference[2])
 
 

@@ -146,7 +146,9 @@ def test_a_second_job_on_a_running_jobs_directory_is_refused_and_touches_nothing
         time.sleep(0.05)
     second = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "seed=2")])
     assert first.poll() is None, "the first job ended before the second arrived: the test proves nothing"
-    assert second.returncode == 2
+    # Refused at once (its holder is a live process of this host), as a run-time condition: a retry
+    # may find the directory free, and a scheduler must not fail the job for good (issue 21 case 3).
+    assert second.returncode == 1
     line = assert_one_line_error(second, f"run directory {run_dir} is in use by another job (pid {first.pid} on ")
     assert "run.name=<new name>" in line
     first.send_signal(signal.SIGTERM)

@@ -1,0 +1,112 @@
+"""The run directory's lock across hosts (job/run_dir.py, RunDirLock): a holder is told apart by its
+kernel's boot id and its process, never by host name (issue 21, case 3).
+
+Each "host" is a real UTS namespace (its own host name) and mount namespace, where the kernel's
+boot id file is bind-mounted over by one of the test's own: two processes of one machine then
+read as two hosts that share a run directory (as two pods share a volume), with the same host
+name, as a Kubernetes Indexed Job's replacement pod `mnist-ddp-0` has the name of the pod it
+replaces. Needs root (namespaces, mounts), as make k8s-local-test does.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import (
+    REPO,
+    assert_ok,
+    assert_same_weights,
+    checkpoint_steps,
+    clean_env,
+    make_tiny_mnist,
+    run_job,
+    tiny_overrides,
+)
+
+pytestmark = pytest.mark.processes
+
+HOST = "mnist-ddp-0"
+
+
+def on_host(boot_dir: Path, hostname: str, args: list[str], log: Path) -> subprocess.Popen:
+    """`python -m job ARGS` on a "host" of its own: a UTS namespace named `hostname`, and a mount
+    namespace whose /proc/sys/kernel/random/boot_id reads a fresh boot id."""
+    boot_id = boot_dir / f"boot-id-{uuid.uuid4()}"
+    boot_id.write_text(f"{uuid.uuid4()}\n")
+    script = f'hostname {hostname} && mount --bind {boot_id} /proc/sys/kernel/random/boot_id && exec "$@"'
+    cmd = ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, "host"]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [*cmd, sys.executable, "-m", "job", *args], cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+@pytest.fixture(scope="module")
+def needs_namespaces():
+    probe = subprocess.run(["unshare", "--uts", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create namespaces here: {probe.stderr.decode().strip()}")
+
+
+def wait_for(condition, what: str, procs: list[subprocess.Popen], log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s:\n{log.read_text()}"
+        assert all(p.poll() is None for p in procs), f"ended before {what}:\n{log.read_text()}"
+        time.sleep(0.01)
+
+
+def test_a_replacement_pod_with_the_same_host_name_waits_for_the_frozen_one_and_resumes(needs_namespaces, tmp_path):
+    """Issue 21 case 3: the old pod `mnist-ddp-0`, frozen, still holds the lock when its replacement,
+    also `mnist-ddp-0`, starts: it was refused (exit 2, which the Job's podFailurePolicy turns into
+    FailJob). Now it waits, and once the old pod is gone takes the lock and resumes its checkpoint."""
+    root = make_tiny_mnist(tmp_path / "data", train=50 * 64)
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    args = ["train", *tiny_overrides(root, run_dir, "checkpoint.every_steps=10", "train.log_interval=5")]
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+
+    old = on_host(tmp_path, HOST, args, old_log)
+    wait_for(lambda: bool(checkpoint_steps(run_dir)) if (run_dir / "checkpoints").is_dir() else False,
+             "checkpoint", [old], old_log)  # fmt: skip
+    old.send_signal(signal.SIGSTOP)  # frozen: alive, holding the lock, answering nothing
+    try:
+        new = on_host(tmp_path, HOST, args, new_log)
+        wait_for(lambda: "waiting up to" in new_log.read_text(), "wait", [new], new_log)
+        time.sleep(20)  # past the 16 s after which it used to give up
+        assert new.poll() is None, new_log.read_text()
+    finally:
+        old.send_signal(signal.SIGKILL)  # the kubelet finally kills the old pod
+        old.wait()
+    assert new.wait(timeout=300) == 0, new_log.read_text()
+    output = new_log.read_text()
+    assert f"locked by another job (pid {old.pid} on {HOST} (boot " in output
+    assert "Resuming from" in output
+    assert_ok(run_job(["train", *tiny_overrides(root, reference, "checkpoint.every_steps=10", "train.log_interval=5")]))
+    assert_same_weights(run_dir, reference)
+
+
+def test_a_holder_elsewhere_that_never_ends_is_a_run_time_failure_not_bad_input(needs_namespaces, tmp_path):
+    """The wait is bounded; what follows is exit 1 (a retry may find the directory free), never 2."""
+    root = make_tiny_mnist(tmp_path / "data", train=50 * 64)
+    run_dir = tmp_path / "run"
+    args = ["train", *tiny_overrides(root, run_dir, "checkpoint.every_steps=10")]
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    old = on_host(tmp_path, HOST, args, old_log)
+    wait_for(lambda: (run_dir / "config.yaml").exists(), "config.yaml", [old], old_log)
+    old.send_signal(signal.SIGSTOP)
+    try:
+        new = on_host(tmp_path, HOST, args, new_log)
+        assert new.wait(timeout=300) == 1, new_log.read_text()
+    finally:
+        old.send_signal(signal.SIGKILL)
+        old.wait()
+    output = new_log.read_text()
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert len(errors) == 1 and f"is in use by another job (pid {old.pid} on {HOST} (boot " in errors[0], output
+    assert "Traceback" not in output
