@@ -54,10 +54,12 @@ CLIENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 """The MLflow client's settings unless the environment sets them: seconds per request, retries
-(a failed sync is retried at the next checkpoint instead), and no usage reports to MLflow's own
-servers from a training job (a cluster's NetworkPolicy lets the pods reach the tracking server only)."""
+(a failed sync is retried at the next checkpoint instead), no usage reports to MLflow's own
+servers from a training job (a cluster's NetworkPolicy lets the pods reach the tracking server
+only), and no emoji lines on stdout at the end (the job logs the run's address once, at start)."""
 
 RETRY_AFTER_S = 30.0
 """After a failed request, checkpoints within this many seconds do not try the server again."""
@@ -99,7 +101,7 @@ def without_credentials(uri: str) -> str:
 
 
 def config_params(cfg: Config) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys, values as YAML writes them."""
+    """The resolved config as MLflow params: dotted keys, values as config.yaml writes them."""
 
     def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         params = {}
@@ -107,7 +109,7 @@ def config_params(cfg: Config) -> dict[str, str]:
             if isinstance(value, dict):
                 params.update(flat(value, f"{prefix}{key}."))
             else:
-                params[prefix + key] = {None: "null", True: "true", False: "false"}.get(value, str(value))
+                params[prefix + key] = _written(value)
         return params
 
     tree = config_to_dict(cfg)
@@ -241,12 +243,14 @@ class Tracking:
                 ) from None
             held: dict[str, str] = {}
             self.sent = {}
+            log.info(f"Tracking in MLflow run {self.run_id} ({name}) of experiment {self.experiment_id} at {self.uri}")
         else:
             mlflow_run = self.client.get_run(self.run_id)
             held = mlflow_run.data.params
             if mlflow_run.info.status != RunStatus.to_string(RunStatus.RUNNING):
                 self.client.update_run(self.run_id, status="RUNNING")
             self.sent = {key: self._last_step(key) for fields in METRICS.values() for key in fields.values()}
+            log.info(f"Tracking in MLflow run {self.run_id} at {self.uri}, continued")
         params = [Param(key, value) for key, value in config_params(self.cfg).items() if key not in held]
         changed = [key for key, value in config_params(self.cfg).items() if held.get(key, value) != value]
         if changed:  # an MLflow param cannot change; the new values are in config.yaml
@@ -350,6 +354,15 @@ def _experiment_id(client: Any, name: str, shown: str) -> str:
             "choose another tracking.experiment"
         )
     return experiment.experiment_id
+
+
+def _written(value: Any) -> str:
+    """A config value as config.yaml writes a scalar: null, true/false, the number, the text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before str(): True would read "True"
+        return "true" if value else "false"
+    return str(value)
 
 
 def _reason(error: BaseException) -> str:
