@@ -127,6 +127,14 @@ def wait_until_server_has(client, run_dir: Path, step: int, job: subprocess.Pope
 
 
 @pytest.fixture(scope="module")
+def spare_server(mlflow_venv, tmp_path_factory):
+    """A server of their own for the tests that kill it (each starts it again before it ends)."""
+    server = MlflowServer(tmp_path_factory.mktemp("spare-mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def reference(mlflow_server, medium_root, tmp_path_factory):
     """The uninterrupted 2-rank run (torchrun), tracked in the experiment `reference`."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
@@ -205,8 +213,8 @@ def test_a_job_stopped_by_sigterm_and_started_again_continues_its_mlflow_run(
 
 
 @pytest.mark.processes
-def test_a_server_killed_mid_run_and_restarted_gets_every_point_once(mlflow_venv, medium_root, tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
+def test_a_server_killed_mid_run_and_restarted_gets_every_point_once(spare_server, medium_root, tmp_path):
+    server = spare_server.start()
     try:
         client, run_dir, log = server.client(), tmp_path / "run", tmp_path / "log"
         job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir, server.uri, "server-killed")], log)
@@ -228,12 +236,12 @@ def test_a_server_killed_mid_run_and_restarted_gets_every_point_once(mlflow_venv
         assert "answers again" in output and "did not take" not in output, output
         assert_mirrors(client, only_run(client, "server-killed"), run_dir)
     finally:
-        server.stop()
+        server.stop()  # killed again, so a failure here leaves no half-started server behind
 
 
 @pytest.mark.processes
-def test_what_the_end_could_not_send_is_said_and_sent_by_the_next_start(mlflow_venv, medium_root, tmp_path):
-    server = MlflowServer(tmp_path / "mlflow").start()
+def test_what_the_end_could_not_send_is_said_and_sent_by_the_next_start(spare_server, medium_root, tmp_path):
+    server = spare_server.start()
     try:
         client, run_dir, log = server.client(), tmp_path / "run", tmp_path / "log"
         args = train_args(medium_root, run_dir, server.uri, "end-unsent")
