@@ -220,7 +220,7 @@ $(K8S_STAMP): $(K8S_LOCK)
 	@touch $@
 
 $(MLFLOW_STAMP): $(MLFLOW_LOCK)
-	@echo "Creating $(MLFLOW_VENV): the MLflow server (about 0.5 GB, a minute)" >&2
+	@echo "Creating $(MLFLOW_VENV): the MLflow server (about 0.9 GB, 1-3 minutes)" >&2
 	@$(PYTHON) -m venv $(MLFLOW_VENV) >&2
 	@$(MLFLOW_VENV)/bin/pip install $(PIP_LOCKED) -r $(MLFLOW_LOCK) >&2
 	@touch $@

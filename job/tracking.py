@@ -162,7 +162,7 @@ class Tracking:
             raise
         except (MlflowException, OSError, ValueError) as e:  # refused, timed out, no such scheme, HTTP errors
             raise BadInputError(
-                f"the MLflow tracking server {shown} does not answer ({_reason(e)}); start it, or correct "
+                f"the MLflow tracking server {shown} cannot be used ({_reason(e)}); start it, or correct "
                 "tracking.uri (or MLFLOW_TRACKING_URI), or set tracking.mlflow=false"
             ) from None
 

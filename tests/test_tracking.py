@@ -262,6 +262,24 @@ def test_what_the_end_could_not_send_is_said_and_sent_by_the_next_start(spare_se
 
 
 @pytest.mark.processes
+def test_each_run_name_is_its_own_mlflow_run_and_a_finished_one_started_again_opens_none(
+    mlflow_server, medium_root, tmp_path
+):
+    client = mlflow_server.client()
+    short = ("train.epochs=1", "data.train_limit=640")
+    runs = {name: tmp_path / name for name in ("first", "second")}
+    for name, run_dir in runs.items():
+        args = train_args(medium_root, run_dir, mlflow_server.uri, "names", f"run.name={name}", *short)
+        assert_ok(run_job(args, env=job_env()))
+    assert_ok(run_job(train_args(medium_root, runs["first"], mlflow_server.uri, "names", "run.name=first", *short),
+                      env=job_env()))  # fmt: skip
+    found = client.search_runs([client.get_experiment_by_name("names").experiment_id])
+    assert sorted(run.info.run_name for run in found) == ["first", "second"]
+    for run in found:
+        assert_mirrors(client, run, runs[run.info.run_name])
+
+
+@pytest.mark.processes
 @pytest.mark.parametrize("case", ["closed port", "unknown scheme", "no uri"])
 def test_a_server_that_cannot_be_used_at_start_is_exit_2_before_anything_is_written(
     mlflow_server, medium_root, tmp_path, case
