@@ -182,11 +182,12 @@ tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/def
 	$(call need_run,tb)
 	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN) --port $(TB_PORT) --host $(TB_HOST)
 
-# The server keeps its runs in a SQLite file and its artifacts in a folder under MLFLOW_STORE;
+# The server keeps its runs in a SQLite file and its artifacts in a folder under MLFLOW_STORE; no
+# usage reports, and no GenAI job runner (five worker processes a training job's runs never use);
 # train into it with ARGS="tracking.mlflow=true tracking.uri=http://127.0.0.1:$(MLFLOW_PORT)" (docs/TRACKING.md).
 mlflow-ui: $(MLFLOW_STAMP) ## an MLflow server for the tracked runs (tracking.mlflow=true) on MLFLOW_HOST:MLFLOW_PORT (127.0.0.1:5000)
 	@mkdir -p $(MLFLOW_STORE)
-	MLFLOW_DISABLE_TELEMETRY=true $(MLFLOW_VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MLFLOW_VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db --artifacts-destination $(abspath $(MLFLOW_STORE))/artifacts
 
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)

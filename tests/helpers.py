@@ -224,8 +224,8 @@ def tool(venv_bin: Path, name: str) -> str:
 
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 at a free port, its runs in a SQLite file and its artifacts in a
-    folder under `root`; telemetry off. Started again on the same port and files after a kill, it
-    serves the same runs."""
+    folder under `root`; telemetry off, and without the GenAI job runner (five huey processes).
+    Started again on the same port and files after a kill, it serves the same runs."""
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -241,11 +241,9 @@ class MlflowServer:
             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
             "--artifacts-destination", str(self.root / "artifacts"),
         ]  # fmt: skip
+        env = clean_env(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         with open(self.root / "server.log", "a") as log:
-            self.process = subprocess.Popen(
-                cmd, env=clean_env(MLFLOW_DISABLE_TELEMETRY="true"), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -278,3 +276,24 @@ class MlflowServer:
         from mlflow.tracking import MlflowClient
 
         return MlflowClient(tracking_uri=self.uri)
+
+
+def mlflow_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
+    """Each metric the job sends (job.tracking.METRICS): its (step, value) points as the server
+    holds them, duplicates kept, by step."""
+    from job.tracking import METRICS
+
+    keys = [key for fields in METRICS.values() for key in fields.values()]
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def metrics_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The same from a run directory's metrics.jsonl: what its MLflow run must mirror."""
+    from job.tracking import METRICS
+
+    history: dict[str, list[tuple[int, float]]] = {key: [] for fields in METRICS.values() for key in fields.values()}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        for field, key in METRICS.get(event["event"], {}).items():
+            history[key].append((event["step"], float(event[field])))
+    return {key: sorted(points) for key, points in history.items()}

@@ -27,6 +27,8 @@ from helpers import (
     clean_env,
     kill_tree,
     make_tiny_mnist,
+    metrics_history,
+    mlflow_history,
     read_summary,
     run_job,
     snapshot,
@@ -34,10 +36,9 @@ from helpers import (
 )
 
 from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
-from job.tracking import METRICS, config_params
+from job.tracking import config_params
 
 STEPS_PER_EPOCH = 50
-KEYS = sorted(key for fields in METRICS.values() for key in fields.values())
 TIMED = "train/samples_per_second"  # a measured speed: its steps are the run's, its values the machine's
 
 
@@ -78,25 +79,10 @@ def only_run(client, experiment: str):  # noqa: ANN001, ANN201
     return runs[0]
 
 
-def server_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
-    """Each metric's (step, value) points as the server holds them, duplicates kept, by step."""
-    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in KEYS}
-
-
-def jsonl_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """The same from the run's metrics.jsonl: what the server must mirror."""
-    history: dict[str, list[tuple[int, float]]] = {key: [] for key in KEYS}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        event = json.loads(line)
-        for field, key in METRICS.get(event["event"], {}).items():
-            history[key].append((event["step"], float(event[field])))
-    return {key: sorted(points) for key, points in history.items()}
-
-
 def assert_mirrors(client, run, run_dir: Path) -> None:  # noqa: ANN001
     """The MLflow run holds every point of metrics.jsonl once, and the results; it is finished."""
-    history = server_history(client, run.info.run_id)
-    assert history == jsonl_history(run_dir)
+    history = mlflow_history(client, run.info.run_id)
+    assert history == metrics_history(run_dir)
     for key, points in history.items():
         steps = [step for step, _ in points]
         assert steps and len(steps) == len(set(steps)), f"{key}: a step logged twice or none: {steps}"
@@ -107,7 +93,7 @@ def assert_mirrors(client, run, run_dir: Path) -> None:  # noqa: ANN001
 
 def assert_same_history(client, run, reference) -> None:  # noqa: ANN001
     """Same steps and values as the uninterrupted run's MLflow run (the speeds: same steps)."""
-    ours, theirs = server_history(client, run.info.run_id), server_history(client, reference.info.run_id)
+    ours, theirs = mlflow_history(client, run.info.run_id), mlflow_history(client, reference.info.run_id)
     assert [s for s, _ in ours.pop(TIMED)] == [s for s, _ in theirs.pop(TIMED)]
     assert ours == theirs
 
@@ -149,7 +135,7 @@ def test_a_two_rank_run_is_one_mlflow_run_with_params_tags_metrics_and_results(m
     client = mlflow_server.client()
     run = only_run(client, "reference")
     assert_mirrors(client, run, run_dir)
-    assert len(jsonl_history(run_dir)["train/loss"]) == 2 * STEPS_PER_EPOCH
+    assert len(metrics_history(run_dir)["train/loss"]) == 2 * STEPS_PER_EPOCH
     assert run.info.run_name == "default"  # run.name
     params = run.data.params
     assert params["optim.lr"] == "0.05" and params["train.epochs"] == "2" and params["run.dir"] == str(run_dir)
