@@ -57,6 +57,14 @@ LINT_VENV ?= .venv-lint
 # in their own venv too (k8s/requirements.txt). KUBECTL=kubectl uses yours instead.
 K8S_VENV ?= .venv-k8s
 KUBECTL ?= $(K8S_VENV)/bin/kubectl
+# The MLflow server (the full mlflow, mlflow-requirements.txt) for `make mlflow-ui` and the tracking
+# tests, in its own venv: its pandas, pyarrow, scikit-learn and SQLAlchemy stay out of .venv and the image.
+MLFLOW_VENV ?= .venv-mlflow
+# `make mlflow-ui`: the MLflow server's address (loopback: ssh -L from yours) and where it keeps
+# runs and artifacts (the store tracking.uri=sqlite:///... or http://127.0.0.1:MLFLOW_PORT points at).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= runs/mlflow
 # The lock files: every distribution an environment installs, the transitive ones and torch's CUDA
 # wheels included, pinned with the sha256 of each of its files. pip installs them with
 # --require-hashes (and wheels only: no build step runs code fetched unhashed), so a file that
@@ -68,6 +76,7 @@ IMAGE_LOCK := docker/requirements.lock
 K8S_LOCK := k8s/requirements.lock
 LINT_LOCK := docker/lint-requirements.lock
 TOOL_LOCK := lock-requirements.lock
+MLFLOW_LOCK := mlflow-requirements.lock
 # uv writes the locks, from its own venv (lock-requirements.txt, locked by hash like the rest).
 LOCK_VENV ?= .venv-lock
 PIP_LOCKED = --disable-pip-version-check --progress-bar on --require-hashes --only-binary :all:
@@ -96,8 +105,9 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 LOCK_STAMP := $(LOCK_VENV)/.installed
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard plot predict export test test-fast \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard mlflow-ui plot predict export test test-fast \
 	lint format lock image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
 	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
@@ -173,6 +183,14 @@ tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/def
 	$(call need_run,tb)
 	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN) --port $(TB_PORT) --host $(TB_HOST)
 
+# The server keeps its runs in a SQLite file and its artifacts in a folder under MLFLOW_STORE; no
+# usage reports, and no GenAI job runner (five worker processes a training job's runs never use);
+# train into it with ARGS="tracking.mlflow=true tracking.uri=http://127.0.0.1:$(MLFLOW_PORT)" (docs/TRACKING.md).
+mlflow-ui: $(MLFLOW_STAMP) ## an MLflow server for the tracked runs (tracking.mlflow=true) on MLFLOW_HOST:MLFLOW_PORT (127.0.0.1:5000)
+	@mkdir -p $(MLFLOW_STORE)
+	MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MLFLOW_VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db --artifacts-destination $(abspath $(MLFLOW_STORE))/artifacts
+
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
 	$(PY) -m job plot $(RUN)
 
@@ -203,6 +221,12 @@ $(K8S_STAMP): $(K8S_LOCK)
 	@$(K8S_VENV)/bin/pip install $(PIP_LOCKED) -r $(K8S_LOCK) >&2
 	@touch $@
 
+$(MLFLOW_STAMP): $(MLFLOW_LOCK)
+	@echo "Creating $(MLFLOW_VENV): the MLflow server (about 0.9 GB, 1-3 minutes)" >&2
+	@$(PYTHON) -m venv $(MLFLOW_VENV) >&2
+	@$(MLFLOW_VENV)/bin/pip install $(PIP_LOCKED) -r $(MLFLOW_LOCK) >&2
+	@touch $@
+
 $(LOCK_STAMP): $(TOOL_LOCK)
 	@echo "Creating $(LOCK_VENV): uv, which writes the lock files (about 40 MB)" >&2
 	@$(PYTHON) -m venv $(LOCK_VENV) >&2
@@ -214,16 +238,18 @@ $(LOCK_STAMP): $(TOOL_LOCK)
 # is downloaded.
 # 3.11: the image's Python, and the oldest the pins install on (numpy 2.4 needs it). .venv's lock
 # also holds every extra and the build backend (the editable install builds with it); the
-# image's holds pyproject.toml's dependencies alone. Then every tool venv's, and uv's own.
+# image's holds pyproject.toml's dependencies and the tracking extra (the MLflow client) alone.
+# Then every tool venv's, and uv's own.
 UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--only-binary :all: --custom-compile-command 'make lock'
 BUILD_REQUIRES = $(LOCK_VENV)/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
 
 lock: $(LOCK_STAMP) ## after changing pyproject.toml, constraints.txt or a tool's requirements: write the hashed lock files (PyPI)
 	set -o pipefail; $(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --all-extras -c constraints.txt -o $(LOCK)
-	$(UV_COMPILE) pyproject.toml -c constraints.txt -o $(IMAGE_LOCK)
+	$(UV_COMPILE) pyproject.toml --extra tracking -c constraints.txt -o $(IMAGE_LOCK)
 	$(UV_COMPILE) k8s/requirements.txt -o $(K8S_LOCK)
 	$(UV_COMPILE) docker/lint-requirements.txt -o $(LINT_LOCK)
+	$(UV_COMPILE) mlflow-requirements.txt -o $(MLFLOW_LOCK)
 	$(UV_COMPILE) lock-requirements.txt -o $(TOOL_LOCK)
 
 lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile; checkov on the k8s manifests
@@ -340,5 +366,5 @@ clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, .venv-lock, data/ and build/
-	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) $(LOCK_VENV) data build *.egg-info
+distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, .venv-lock, .venv-mlflow, data/ and build/
+	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) $(LOCK_VENV) $(MLFLOW_VENV) data build *.egg-info

@@ -111,6 +111,19 @@ class SpeedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    mlflow: bool = False
+    """Mirror the run to an MLflow tracking server: params, tags, metrics.jsonl's figures, the results
+    (rank 0 alone; needs the `tracking` extra; docs/TRACKING.md)."""
+    uri: str | None = None
+    """The MLflow tracking URI (http(s)://host:port, sqlite:///file.db, a folder); null: $MLFLOW_TRACKING_URI."""
+    experiment: str = "mnist-ddp"
+    """The MLflow experiment the run goes into (created when missing)."""
+    run_name: str | None = None
+    """The MLflow run's name (null: run.name); a run directory stays one MLflow run across restarts."""
+
+
+@dataclass
 class Config:
     seed: int = 1
     """One seed from which every random stream is derived."""
@@ -124,6 +137,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -165,6 +179,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     ),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
     "dist.timeout_s": (_between(1, 7 * 24 * 3600), "between 1 and 604800 (a week)"),
+    "tracking.uri": (lambda v: v is None or v.strip() != "", "null ($MLFLOW_TRACKING_URI) or a tracking URI"),
+    "tracking.experiment": (lambda v: v.strip() != "", "a non-empty experiment name"),
+    "tracking.run_name": (lambda v: v is None or v.strip() != "", "null (run.name) or a non-empty name"),
 }
 
 

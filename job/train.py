@@ -57,6 +57,7 @@ from job.seeding import (
     seed_parameter_init,
     seed_rank_streams,
 )
+from job.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Trainer:
         self.environment = bit_environment(ctx.device, ctx.world_size)
         self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
+        self.tracking: Tracking | None = None  # rank 0's MLflow run (tracking.mlflow)
 
     def fit(self) -> dict[str, Any]:
         on_some_ranks(self.ctx, self.ctx.is_leader, "opening the metrics", self.open_metrics)
@@ -200,6 +202,8 @@ class Trainer:
             self.metrics.resume(
                 self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
             )
+        if self.tracking:
+            self.tracking.begin(self.environment, self.ctx.env.launcher)
 
     def write_results(self, summary: dict[str, Any]) -> None:
         """Rank 0: model.pt and summary.json. RunFailedError when the weights are not finite or the
@@ -215,6 +219,8 @@ class Trainer:
                     f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: "
                     f"{write_fix(e)} and run the same command again, which writes the results again"
                 ) from None
+        if self.tracking:
+            self.tracking.finish()
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:
         """model_state(), or RunFailedError when a weight is NaN or infinite: such weights are never
@@ -349,6 +355,8 @@ class Trainer:
         def write() -> None:
             self.metrics.check()
             self.run.checkpoints.save(self.state_dict(rng), self.progress.global_step, self.cfg.checkpoint.keep)
+            if self.tracking:  # the points this checkpoint covers: a resume never logs them again
+                self.tracking.sync(self.progress.global_step)
 
         on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
         return time.perf_counter() - start
@@ -494,6 +502,9 @@ def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
     source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))
+    # The server is asked before anything is written: unreachable is bad input (exit 2).
+    connect = functools.partial(Tracking.connect, cfg)
+    tracking = on_some_ranks(ctx, ctx.is_leader and cfg.tracking.mlflow, "connecting to the MLflow server", connect)
     finished = broadcast_bytes(ctx, source.results if source else None)
     if finished:  # a run started again after it finished: nothing to train, nothing to write
         summary = json.loads(finished)
@@ -502,12 +513,15 @@ def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
             "nothing to do, nothing written; train more with a higher train.epochs, or start another run with "
             "run.name=<new name>"
         )
+        if cfg.tracking.mlflow:  # what an earlier end could not send
+            on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
         return summary
     raw = broadcast_bytes(ctx, source.data if source else None)
     name = str(source.path) if source else "the checkpoint rank 0 chose"
     state = loads_weights_only(raw, name) if raw else None
     splits = prepare_data(cfg, ctx, splits=("train", "test"))
     trainer = Trainer(cfg, ctx, splits)
+    trainer.tracking = tracking
     if state is not None:
         trainer.load_state_dict(state, name)
     prepare = functools.partial(prepare_run_dir, cfg, state is not None, trainer.environment)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LAUNCH_VARS, REPO, load_state, make_tiny_mnist
+from helpers import LAUNCH_VARS, REPO, load_state, make_tiny_mnist, metrics_history, mlflow_history
 from slurm_cluster import (
     PACKAGES,
     ClusterError,
@@ -126,10 +126,13 @@ def reference(config, tmp_path_factory) -> Callable[[], Path]:
 class Job:
     """One submission of slurm/train.sbatch: 2 nodes x 1 process, its run directory and output in `work`."""
 
-    def __init__(self, cluster: SlurmCluster, config: Path, work: Path, *overrides: str) -> None:
+    def __init__(
+        self, cluster: SlurmCluster, config: Path, work: Path, *overrides: str, env: dict[str, str] | None = None
+    ) -> None:
+        """`env`: more of the submitting shell's environment (sbatch hands it to the job)."""
         self.cluster, self.work = cluster, work
         self.run_dir = work / "run"
-        env = cluster.env(JOB_PYTHON=sys.executable, RDZV_PORT=str(cluster.new_port()))
+        env = cluster.env(JOB_PYTHON=sys.executable, RDZV_PORT=str(cluster.new_port()), **(env or {}))
         for name in LAUNCH_VARS:
             env.pop(name, None)
         argv = ["--nodes=2", "--partition=low", f"--output={work}/slurm-%j.out", str(SBATCH),
@@ -291,9 +294,13 @@ def test_e_bad_input_exits_2_is_not_requeued_and_says_why_in_one_line(cluster, f
 # --- wave 2: (b) -----------------------------------------------------------------------------
 
 
-def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, config, reference, tmp_path):
+def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(
+    cluster, config, reference, mlflow_server, tmp_path
+):
     cluster.wait_until_idle(JOB_TIMEOUT_S)  # the high job must find only this one to preempt
-    job = Job(cluster, config, tmp_path)
+    # Tracked in MLflow, the server's URI from the submitting shell (slurm/README.md, MLflow tracking).
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    job = Job(cluster, config, tmp_path, "tracking.mlflow=true", "tracking.experiment=slurm-b", env=env)
     job.wait_for_checkpoint(SIGTERM_AFTER_STEP)
     held = job.hold()  # mid-run until the preemption's SIGTERM is there (it once came after step 100)
     # A whole node in the high partition: only the low job's cores can make room.
@@ -307,7 +314,12 @@ def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, c
     assert "SLURM_RESTART_COUNT=1" in job.output
     step = assert_resumed_mid_run(job)
     assert_same_bits(job.run_dir, reference())
-    print(f"(b) preempted, exit 75, requeued once, resumed at step {step} of {STEPS}: same bits")
+    # The requeued job continued its MLflow run: one run, every point of metrics.jsonl once.
+    client = mlflow_server.client()
+    (run,) = client.search_runs([client.get_experiment_by_name("slurm-b").experiment_id])
+    assert mlflow_history(client, run.info.run_id) == metrics_history(job.run_dir)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    print(f"(b) preempted, exit 75, requeued once, resumed at step {step} of {STEPS}: same bits, one MLflow run")
 
 
 # --- wave 3: (c), (d) ------------------------------------------------------------------------
