@@ -60,6 +60,7 @@ def _launched(world_size: int, rank: int) -> dict[str, str]:
     )
 
 
+MORE = "train.epochs=3"
 CASES = {
     # name: (extra overrides or --config, launcher env, words the one line must hold)
     "unknown key": (["optim.lrr=0.1"], None, ["unknown config key optim.lrr", "did you mean optim.lr?"]),
@@ -68,10 +69,12 @@ CASES = {
     "YAML syntax": (["--config", "{syntax-error}"], None, ["YAML syntax error at line 4"]),
     "missing config": (["--config", "{missing}/none.yaml"], None, ["none.yaml does not exist"]),
     "batch split": ([], _launched(3, 0), ["data.global_batch_size=64 does not split evenly across 3 ranks"]),
-    "missing data": (["data.root={missing}"], None, ["MNIST files missing under", "data.download=false"]),
-    "truncated IDX": (["data.root={truncated}"], None, ["train-images-idx3-ubyte is truncated"]),
-    "wrong magic": (["data.root={wrong-magic}"], None, ["is not an IDX file of 1-d unsigned bytes"]),
-    "checksum": (["data.verify=true"], None, ["checksum mismatch for", "python -m job data --root"]),
+    # A finished run reads no data (started again it says so and stops): these continue it for an
+    # epoch more, so the data is needed.
+    "missing data": (["data.root={missing}", MORE], None, ["MNIST files missing under", "data.download=false"]),
+    "truncated IDX": (["data.root={truncated}", MORE], None, ["train-images-idx3-ubyte is truncated"]),
+    "wrong magic": (["data.root={wrong-magic}", MORE], None, ["is not an IDX file of 1-d unsigned bytes"]),
+    "checksum": (["data.verify=true", MORE], None, ["checksum mismatch for", "python -m job data --root"]),
     "nccl without GPU": (["dist.backend=nccl"], None, ["dist.backend=nccl asks for GPUs but CUDA is not usable here"]),
     "RANK >= WORLD_SIZE": ([], _launched(2, 2), ["RANK=2 must be below WORLD_SIZE=2"]),
 }
