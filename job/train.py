@@ -38,6 +38,7 @@ from job.files import write_fix
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
+from job.process_exit import keep_until_exit
 from job.progress import Progress
 from job.provenance import source_commit
 from job.resume import find_resume_source
@@ -425,6 +426,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
+        keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
             on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
@@ -444,6 +446,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
             raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def keep_process_groups(ctx: DistContext) -> None:
+    """The process groups outlive `dist.destroy_process_group()` until the process ends: their
+    destructors can deadlock against gloo's threads (job/process_exit.py)."""
+    keep_until_exit(torch.distributed.group.WORLD)
+    keep_until_exit(ctx)  # and its control group
 
 
 def check_compile_toolchain(device: torch.device) -> None:
@@ -487,6 +496,7 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     model = load_model(checkpoint, dropout=cfg.model.dropout)
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
+        keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
         splits = prepare_data(cfg, ctx, splits=("test",))
         return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)
