@@ -16,9 +16,10 @@ NPROC ?= $(if $(filter-out 0,$(TORCH_GPUS)),$(TORCH_GPUS),2)
 # (a driver too old for its CUDA) is one line and exit 2, not a silent CPU run.
 DEVICE ?= $(if $(filter-out 0,$(DRIVER_GPUS)),cuda,auto)
 TRAIN_ARGS = $(if $(filter-out auto,$(DEVICE)),dist.device=$(DEVICE)) $(ARGS)
-# CPU threads per process: cores / processes, unless OMP_NUM_THREADS is already set
-# (torchrun would otherwise force 1 and warn about it).
-THREADS ?= $(shell c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1)
+# CPU threads per process: the CPUs this host lets us use (cgroup CPU quota, affinity) / processes,
+# as the job decides (job/cpu_quota.py), unless OMP_NUM_THREADS is already set (torchrun would
+# otherwise force 1 and warn about it). Before `make setup` there is no venv: cores / processes.
+THREADS ?= $(shell $(PY) -m job.cpu_quota $(NPROC) 2>/dev/null || { c=$$(nproc); t=$$(( c / $(NPROC) )); [ $$t -gt 0 ] && echo $$t || echo 1; })
 ACCELERATE_CONFIG ?= $(if $(filter-out 0,$(TORCH_GPUS)),job/configs/accelerate/multi-gpu.yaml,job/configs/accelerate/cpu.yaml)
 # Worker failures torchrun absorbs by restarting the group, which resumes from the newest checkpoint.
 MAX_RESTARTS ?= 3
@@ -56,6 +57,14 @@ LINT_VENV ?= .venv-lint
 # in their own venv too (k8s/requirements.txt). KUBECTL=kubectl uses yours instead.
 K8S_VENV ?= .venv-k8s
 KUBECTL ?= $(K8S_VENV)/bin/kubectl
+# The MLflow server (the full mlflow, mlflow-requirements.txt) for `make mlflow-ui` and the tracking
+# tests, in its own venv: its pandas, pyarrow, scikit-learn and SQLAlchemy stay out of .venv and the image.
+MLFLOW_VENV ?= .venv-mlflow
+# `make mlflow-ui`: the MLflow server's address (loopback: ssh -L from yours) and where it keeps
+# runs and artifacts (the store tracking.uri=sqlite:///... or http://127.0.0.1:MLFLOW_PORT points at).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= runs/mlflow
 # The lock files: every distribution an environment installs, the transitive ones and torch's CUDA
 # wheels included, pinned with the sha256 of each of its files. pip installs them with
 # --require-hashes (and wheels only: no build step runs code fetched unhashed), so a file that
@@ -67,6 +76,7 @@ IMAGE_LOCK := docker/requirements.lock
 K8S_LOCK := k8s/requirements.lock
 LINT_LOCK := docker/lint-requirements.lock
 TOOL_LOCK := lock-requirements.lock
+MLFLOW_LOCK := mlflow-requirements.lock
 # uv writes the locks, from its own venv (lock-requirements.txt, locked by hash like the rest).
 LOCK_VENV ?= .venv-lock
 PIP_LOCKED = --disable-pip-version-check --progress-bar on --require-hashes --only-binary :all:
@@ -95,8 +105,9 @@ STAMP := $(VENV)/.installed
 LINT_STAMP := $(LINT_VENV)/.installed
 K8S_STAMP := $(K8S_VENV)/.installed
 LOCK_STAMP := $(LOCK_VENV)/.installed
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard plot predict export test test-fast \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard mlflow-ui plot predict export test test-fast \
 	lint format lock image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
 	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
@@ -170,7 +181,15 @@ endef
 
 tensorboard: $(STAMP) ## TensorBoard for the run directory RUN (default runs/default) on TB_HOST:TB_PORT (127.0.0.1:6006)
 	$(call need_run,tb)
-	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN)/tb --port $(TB_PORT) --host $(TB_HOST)
+	$(VENV)/bin/tensorboard --logdir_spec $(notdir $(abspath $(RUN))):$(RUN) --port $(TB_PORT) --host $(TB_HOST)
+
+# The server keeps its runs in a SQLite file and its artifacts in a folder under MLFLOW_STORE; no
+# usage reports, and no GenAI job runner (five worker processes a training job's runs never use);
+# train into it with ARGS="tracking.mlflow=true tracking.uri=http://127.0.0.1:$(MLFLOW_PORT)" (docs/TRACKING.md).
+mlflow-ui: $(MLFLOW_STAMP) ## an MLflow server for the tracked runs (tracking.mlflow=true) on MLFLOW_HOST:MLFLOW_PORT (127.0.0.1:5000)
+	@mkdir -p $(MLFLOW_STORE)
+	MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(MLFLOW_VENV)/bin/mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db --artifacts-destination $(abspath $(MLFLOW_STORE))/artifacts
 
 plot: $(STAMP) ## draw RUN's figures into RUN/plots/ (digits, training curve, confusion matrix)
 	$(PY) -m job plot $(RUN)
@@ -202,6 +221,12 @@ $(K8S_STAMP): $(K8S_LOCK)
 	@$(K8S_VENV)/bin/pip install $(PIP_LOCKED) -r $(K8S_LOCK) >&2
 	@touch $@
 
+$(MLFLOW_STAMP): $(MLFLOW_LOCK)
+	@echo "Creating $(MLFLOW_VENV): the MLflow server (about 0.9 GB, 1-3 minutes)" >&2
+	@$(PYTHON) -m venv $(MLFLOW_VENV) >&2
+	@$(MLFLOW_VENV)/bin/pip install $(PIP_LOCKED) -r $(MLFLOW_LOCK) >&2
+	@touch $@
+
 $(LOCK_STAMP): $(TOOL_LOCK)
 	@echo "Creating $(LOCK_VENV): uv, which writes the lock files (about 40 MB)" >&2
 	@$(PYTHON) -m venv $(LOCK_VENV) >&2
@@ -213,16 +238,18 @@ $(LOCK_STAMP): $(TOOL_LOCK)
 # is downloaded.
 # 3.11: the image's Python, and the oldest the pins install on (numpy 2.4 needs it). .venv's lock
 # also holds every extra and the build backend (the editable install builds with it); the
-# image's holds pyproject.toml's dependencies alone. Then every tool venv's, and uv's own.
+# image's holds pyproject.toml's dependencies and the tracking extra (the MLflow client) alone.
+# Then every tool venv's, and uv's own.
 UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--only-binary :all: --custom-compile-command 'make lock'
 BUILD_REQUIRES = $(LOCK_VENV)/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
 
 lock: $(LOCK_STAMP) ## after changing pyproject.toml, constraints.txt or a tool's requirements: write the hashed lock files (PyPI)
 	set -o pipefail; $(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --all-extras -c constraints.txt -o $(LOCK)
-	$(UV_COMPILE) pyproject.toml -c constraints.txt -o $(IMAGE_LOCK)
+	$(UV_COMPILE) pyproject.toml --extra tracking -c constraints.txt -o $(IMAGE_LOCK)
 	$(UV_COMPILE) k8s/requirements.txt -o $(K8S_LOCK)
 	$(UV_COMPILE) docker/lint-requirements.txt -o $(LINT_LOCK)
+	$(UV_COMPILE) mlflow-requirements.txt -o $(MLFLOW_LOCK)
 	$(UV_COMPILE) lock-requirements.txt -o $(TOOL_LOCK)
 
 lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and checkov on docker/Dockerfile; checkov on the k8s manifests
@@ -252,6 +279,7 @@ image-test: $(STAMP) ## build the image on a local Debian base and train + evalu
 # A kustomization in build/k8s/ that sets the image (and namespace) over a kustomization of
 # k8s/: kubectl's built-in kustomize has no `edit`, and the tree under k8s/ stays untouched.
 define k8s_kustomization
+	@test -d k8s/$(1) || { echo "error: k8s/$(1) does not exist; OVERLAY is one of: $$(ls k8s/overlays | tr '\n' ' ')" >&2; exit 2; }
 	@mkdir -p build/k8s/$(notdir $(1))
 	@printf '%s\n' 'apiVersion: kustomize.config.k8s.io/v1beta1' 'kind: Kustomization' \
 		'resources: [../../../k8s/$(1)]' $(if $(NAMESPACE),'namespace: $(NAMESPACE)') \
@@ -288,7 +316,12 @@ delete: $(K8S_STAMP) ## delete the job, its pods, Service, ConfigMaps, TensorBoa
 	$(if $(filter 1,$(PURGE)),$(KUBECTL_NS) delete pvc mnist-ddp-runs --ignore-not-found)
 
 # Root: each pod gets network, mount, UTS and PID namespaces (iproute2, util-linux); .venv-k8s's kubectl renders.
+# Both root tiers install the Debian packages they need on first use, as .ci/run does.
+K8S_LOCAL_TOOLS := ip unshare mount tini
 k8s-local-test: $(STAMP) $(K8S_STAMP) ## run k8s/overlays/cpu's Job as 2 local "pods" (namespaces); kill one; same bits (root)
+	@(for tool in $(K8S_LOCAL_TOOLS); do command -v $$tool >/dev/null || exit 1; done) \
+		|| { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends iproute2 util-linux mount tini >/dev/null; }
 	$(PY) -m pytest -m k8s_local tests/test_k8s_local.py $(PYTEST_ARGS)
 
 # The job runs JOB_PYTHON on every node (this checkout's venv: it must be on a shared path) from
@@ -300,8 +333,13 @@ slurm-submit: $(STAMP) ## submit slurm/train.sbatch: NODES x GPUS_PER_NODE (0: 1
 		$(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node $(GPUS_PER_NODE)) $(if $(PARTITION),--partition $(PARTITION)) \
 		slurm/train.sbatch --config $(CONFIG) $(ARGS)
 
+# Without JOB: your newest mnist-ddp job, or squeue's own error when Slurm cannot be asked
+# (no slurm.conf, no controller), which is not the same as an empty queue.
 define need_slurm_job
-	@test -n "$(SLURM_JOB)" || { echo "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" >&2; exit 2; }
+	@test -n "$(JOB)" || { queue=$$(squeue -h --me -n mnist-ddp -o %i 2>&1) || { echo "error: squeue failed: \
+		$$(echo "$$queue" | tail -n 1); check that this host reaches slurmctld (SLURM_CONF), or pass JOB=<id>" >&2; \
+		exit 2; }; test -n "$$queue" || { echo "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" >&2; \
+		exit 2; }; }
 endef
 
 slurm-status: ## the job JOB (default: your newest mnist-ddp job): state, restarts, nodes, exit code
@@ -328,5 +366,5 @@ clean: ## remove runs/ and caches (keeps .venv and data/)
 	rm -rf runs .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
-distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, .venv-lock, data/ and build/
-	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) $(LOCK_VENV) data build *.egg-info
+distclean: clean ## also remove .venv, .venv-lint, .venv-k8s, .venv-lock, .venv-mlflow, data/ and build/
+	rm -rf $(VENV) $(LINT_VENV) $(K8S_VENV) $(LOCK_VENV) $(MLFLOW_VENV) data build *.egg-info

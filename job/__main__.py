@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, expand_path, load_config, rank_batch_size
 from job.console import setup_logging
-from job.errors import EXIT_BAD_INPUT, ConfigError, JobError, PreemptedError
+from job.cpu_kernels import pin_cpu_kernels
+from job.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
 from job.launcher_watch import stop_when_the_launcher_dies
 from job.process_exit import exit_now, keep_until_exit
@@ -78,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that need torch import it when they run: `config` and bad input answer fast.
+# Commands that need torch import it when they run: `config` and bad input answer fast, and the
+# CPU kernels are pinned before torch loads them (job/cpu_kernels.py).
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    pin_cpu_kernels(native=cfg.speed.native_cpu_kernels)
     from job.train import run_training
 
     run_training(cfg)
@@ -89,6 +93,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    pin_cpu_kernels(native=cfg.speed.native_cpu_kernels)
     from job.train import run_evaluation
 
     result = run_evaluation(cfg, args.checkpoint)
@@ -98,6 +103,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.predict import run_predict
 
     failed = run_predict(args.images, as_json=args.json, checkpoint=args.checkpoint, model=args.model)
@@ -105,6 +111,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.plot import run_plot
 
     for path in run_plot(args.run_dir, args.data_root):
@@ -113,6 +120,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    pin_cpu_kernels(native=False)
     from job.export import run_export
 
     print(f"wrote {run_export(args.checkpoint, args.format, args.out)}")
@@ -145,23 +153,36 @@ def _env_int(name: str, default: int = 0) -> int:
         return default
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
+    """The CLI; returns the exit code. `as_program`: this process exits with it (late Ctrl-Cs are ignored)."""
     args = build_parser().parse_args(argv)
+    exiting = _ignore_ctrl_c if as_program else lambda: None
     setup_logging(_env_int("RANK"), _env_int("WORLD_SIZE", 1))
     stop_when_the_launcher_dies()
     try:
         return args.func(args)
     except JobError as e:
+        exiting()
         keep_until_exit(e)  # its traceback holds the DDP model: freed here, it could hang the exit
         # Most errors are the same on every rank: the first process on each host says it once.
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
             _say("stopped" if isinstance(e, PreemptedError) else "error", str(e))
         return e.exit_code
     except KeyboardInterrupt as e:  # Ctrl-C outside training, or a second one during it
+        exiting()
         keep_until_exit(e)
         if _env_int("LOCAL_RANK") == 0:
             _say("interrupted", "Ctrl-C; run the same command again to resume from the newest checkpoint, if any")
-        return 130
+        return EXIT_INTERRUPTED
+    finally:
+        exiting()
+
+
+def _ignore_ctrl_c() -> None:
+    """Once the outcome is decided there is nothing left to stop: a late Ctrl-C (a second or third
+    press while the process exits) would only raise KeyboardInterrupt inside the last line's print
+    or the interpreter's shutdown ("Exception ignored in: <module 'threading'>")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _say(kind: str, message: str) -> None:
@@ -172,7 +193,7 @@ def _say(kind: str, message: str) -> None:
 def _run_and_exit() -> None:
     """main(), then exit_now with its code on every path, a bug's traceback included."""
     try:
-        code = main()
+        code = main(as_program=True)
     except SystemExit as e:  # argparse (--help, a usage error) has printed its message
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException as e:  # a bug: its traceback as Python prints it, then the same exit

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from job.config import Config, get_dotted
-from job.errors import BadInputError, RunFailedError, message_line
+from job.errors import BadInputError, NewerFileError, RunFailedError, message_line
 from job.files import write_fix
 from job.progress import FIELDS as PROGRESS_FIELDS
 from job.progress import Progress
@@ -113,6 +113,11 @@ def check_fields(state: Any, path: Path, model_shapes: dict[str, tuple[int, ...]
         raise BadInputError(
             f"checkpoint {path} is not a training checkpoint of this job (missing or wrong: {', '.join(missing)}); "
             "a model.pt holds weights only and cannot be resumed"
+        )
+    if state["format"] > CHECKPOINT_FORMAT:
+        raise NewerFileError(
+            f"checkpoint {path} has format {state['format']}, written by a newer version of this job; this code reads "
+            f"format {CHECKPOINT_FORMAT}: the file is intact and was left as it is: run the newer job code"
         )
     if state["format"] != CHECKPOINT_FORMAT:
         raise BadInputError(

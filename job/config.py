@@ -105,6 +105,22 @@ class SpeedConfig:
     """TF32 (10-bit mantissa) for CUDA matmuls and cuDNN convolutions on Ampere and later; changes the bits."""
     data_on_device: bool = False
     """Keep the whole dataset in the training device's memory (about 220 MB per rank on a GPU): no copy per step."""
+    native_cpu_kernels: bool = False
+    """Let torch pick the CPU kernels' instruction set (AVX-512 where present) instead of AVX2 on every x86
+    host (job/cpu_kernels.py); faster on some hosts, changes the bits between hosts."""
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = False
+    """Mirror the run to an MLflow tracking server: params, tags, metrics.jsonl's figures, the results
+    (rank 0 alone; needs the `tracking` extra; docs/TRACKING.md)."""
+    uri: str | None = None
+    """The MLflow tracking URI (http(s)://host:port, sqlite:///file.db, a folder); null: $MLFLOW_TRACKING_URI."""
+    experiment: str = "mnist-ddp"
+    """The MLflow experiment the run goes into (created when missing)."""
+    run_name: str | None = None
+    """The MLflow run's name (null: run.name); a run directory stays one MLflow run across restarts."""
 
 
 @dataclass
@@ -121,6 +137,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -162,6 +179,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     ),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
     "dist.timeout_s": (_between(1, 7 * 24 * 3600), "between 1 and 604800 (a week)"),
+    "tracking.uri": (lambda v: v is None or v.strip() != "", "null ($MLFLOW_TRACKING_URI) or a tracking URI"),
+    "tracking.experiment": (lambda v: v.strip() != "", "a non-empty experiment name"),
+    "tracking.run_name": (lambda v: v is None or v.strip() != "", "null (run.name) or a non-empty name"),
 }
 
 
@@ -228,10 +248,54 @@ def rank_batch_size(global_batch_size: int, world_size: int) -> int:
     return global_batch_size // world_size
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as people write them: PyYAML follows YAML 1.1, where a
+    float needs a dot and a signed exponent, so `1e-3`, `5E-3` and `1e4` would be strings. YAML 1.2
+    (its core schema) reads them as floats; this adds that form and leaves every other resolution
+    as it was."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+class _WrittenInt(int):
+    """An integer that remembers how it was written, for keys that hold text (run.name=007)."""
+
+    yaml_text: str
+
+
+class _WrittenFloat(float):
+    """A float that remembers how it was written, for keys that hold text (run.name=1e3, 1.10)."""
+
+    yaml_text: str
+
+
+def _keeping_text(construct: typing.Callable[..., Any], kind: type) -> typing.Callable[..., Any]:
+    def constructor(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = kind(construct(loader, node))
+        value.yaml_text = node.value
+        return value
+
+    return constructor
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _keeping_text(yaml.SafeLoader.construct_yaml_int, _WrittenInt))
+_Loader.add_constructor("tag:yaml.org,2002:float", _keeping_text(yaml.SafeLoader.construct_yaml_float, _WrittenFloat))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python values (safe: plain data only), with YAML 1.2's exponent numbers."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader is a SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     raw = read_regular(path, "config file", "pass --config with an existing YAML file", error=ConfigError)
     try:
-        tree = yaml.safe_load(raw.decode())
+        tree = parse_yaml(raw.decode())
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -250,7 +314,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {_cut(text)!r} is not KEY=VALUE (example: optim.lr=0.02)")
     try:
-        value = yaml.safe_load(raw) if raw else ""
+        value = parse_yaml(raw) if raw else ""
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. an unbalanced quote): take it as the plain string it is
     return key.strip(), value
@@ -331,7 +395,11 @@ def _build(cls: type, tree: Any, prefix: str, source: str, sources: dict[str, st
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """value checked against the field's type; ints are accepted where floats are expected."""
+    """value checked against the field's type; ints are accepted where floats are expected, whole
+    floats (1e4) where ints are, and numbers as written where text is (run.name=1e3)."""
+    written = getattr(value, "yaml_text", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = int(value) if isinstance(value, int) else float(value)  # plain again: yaml dumps no subclass
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value in args:
@@ -343,8 +411,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         (hint,) = [a for a in args if a is not type(None)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e4 (a float in YAML) for a count: only a whole number
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # a run name like 1 or a path like 2024 reads as a number in YAML
+        return written or str(value)  # a run name like 007 or a path like 2024 reads as a number in YAML
     if type(value) is hint:
         return value
     expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]

@@ -71,6 +71,7 @@ def ensure_mnist(root: str | Path, download: bool, verify: bool) -> None:
     """Make sure the four raw files are under root (fetching them if allowed) and, if asked, intact."""
     missing = missing_files(root)
     if missing:
+        _refuse_misplaced_files(root, missing)
         if not download:
             raise DataError(
                 f"MNIST files missing under {raw_dir(root)} ({', '.join(missing)}) and data.download=false; "
@@ -79,6 +80,25 @@ def ensure_mnist(root: str | Path, download: bool, verify: bool) -> None:
         fetch_mnist(root)
     if verify:
         verify_checksums(root)
+
+
+def _refuse_misplaced_files(root: str | Path, missing: list[str]) -> None:
+    """DataError when the missing raw files lie close by, where people put them (data.root itself,
+    MNIST/ without raw/, a raw/ without MNIST/) or still gzipped as MNIST's site serves them: a
+    fetch would download 53 MB beside files that only need a move or a gunzip."""
+    target = raw_dir(root)
+    for folder in (target, Path(root), Path(root) / "MNIST", Path(root) / "raw"):
+        for suffix in ("", ".gz"):
+            if (folder, suffix) == (target, "") or not all((folder / f"{n}{suffix}").is_file() for n in missing):
+                continue
+            steps = [f"gunzip -k {folder}/*-ubyte.gz"] if suffix else []
+            if folder != target:
+                steps = [f"mkdir -p {target}", *steps, f"mv {folder}/*-ubyte {target}/"]
+            where = f"still gzipped in {folder}" if suffix else f"in {folder}"
+            raise DataError(
+                f"MNIST's raw files ({', '.join(missing)}) are {where}, but the job reads them uncompressed from "
+                f"{target} (data.root/MNIST/raw/, torchvision's layout): `{' && '.join(steps)}`"
+            )
 
 
 def fetch_mnist(root: str | Path) -> str:

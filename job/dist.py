@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from job.config import DistConfig
+from job.cpu_quota import threads_per_process
 from job.device import choose_backend_and_device
 from job.errors import (
     EXIT_BAD_INPUT,
@@ -34,7 +35,9 @@ from job.errors import (
     PeerLostError,
     message_line,
 )
+from job.hang import Whereabouts
 from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
+from job.node_address import talk_over_this_nodes_address
 
 T = TypeVar("T")
 
@@ -62,6 +65,8 @@ class DistContext:
     control_group: dist.ProcessGroup | None = None
     """Group for small CPU-side messages (votes, checkpoint bytes): None = the default group,
     which on gloo is already a CPU group; under NCCL a separate gloo group."""
+    at: Whereabouts = field(default_factory=Whereabouts, compare=False)
+    """Which collective this rank is in or heading for: what a timeout's report names (job/hang.py)."""
 
     @property
     def rank(self) -> int:
@@ -130,11 +135,10 @@ def _int_var(environ: Mapping[str, str], name: str, minimum: int, default: int |
 
 
 def cpu_threads_per_process(env: LaunchEnv, environ: Mapping[str, str] = os.environ) -> int | None:
-    """Threads for intra-op CPU work: cores / local processes, unless OMP_NUM_THREADS decides."""
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // env.local_world_size)
+    """Threads for intra-op CPU work: the CPUs this process may use (its cgroup's CPU quota, capped
+    by its affinity cores) / local processes, at least 1; None when OMP_NUM_THREADS decides
+    (job/cpu_quota.py)."""
+    return threads_per_process(env.local_world_size, environ)[0]
 
 
 @contextmanager
@@ -165,6 +169,8 @@ def distributed(cfg: DistConfig, env: LaunchEnv) -> Iterator[DistContext]:
         # torch's own timeout does not cover every wait: a client whose MASTER_PORT is held by a
         # program that accepts and never answers waits in the store's handshake indefinitely.
         _wait_until_resolvable(os.environ["MASTER_ADDR"], cfg.timeout_s)
+        if not all_here:  # gloo would take its address from the host name: 127.0.1.1 on Debian hosts
+            talk_over_this_nodes_address(os.environ["MASTER_ADDR"])
         no_answer = f"{cannot_join}: no answer from the rendezvous; {hint}"
         try:
             with _stderr_held_back() as console, _Deadline(1.25 * cfg.timeout_s + 5, no_answer, console):
@@ -308,6 +314,7 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
     Returns what `action` returned on the chosen ranks, None on the others; a failure raises
     the JobError itself on the rank that hit it and PeerFailedError (same exit code) elsewhere."""
     result, error = None, None
+    previous, ctx.at.phase = ctx.at.phase, step
     if chosen:
         try:
             result = action()
@@ -320,6 +327,7 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
         raise error
     if code.item():
         raise PeerFailedError(f"another rank failed while {step}", exit_code=int(code.item()))
+    ctx.at.phase = previous
     return result
 
 
@@ -352,19 +360,23 @@ _COLLECTIVE_MARKERS = (
 _TIMEOUT_MARKERS = ("Timed out", "timed out", "Timeout", "timeout")
 
 
-def peer_lost_error(error: RuntimeError, timeout_s: int) -> PeerLostError | None:
+def peer_lost_error(
+    error: RuntimeError, timeout_s: int, hang_report: Callable[[], str] | None = None
+) -> PeerLostError | None:
     """The one-line report for a collective that failed because of a peer, or None when
-    `error` is not a collective failure (a bug, which keeps its traceback)."""
+    `error` is not a collective failure (a bug, which keeps its traceback). For a timeout,
+    `hang_report()` (job/hang.py) says which rank did not arrive and where the stacks are."""
     text = str(error)
     if not any(marker in text for marker in _COLLECTIVE_MARKERS):
         return None
     # gloo's first line: "[/path/to/file.cc:78] What happened. Advice...": keep "What happened".
     detail = message_line(error).split("] ", 1)[-1].split(". ", 1)[0]
     if any(marker in text for marker in _TIMEOUT_MARKERS):
+        who = f"; {hang_report()}" if hang_report is not None else ""
         return PeerLostError(
-            f"a peer rank stopped answering: no reply within dist.timeout_s={timeout_s} s ({detail}); another "
-            "rank is hung (stuck collective, paused or swapping process) or its host is gone: read the other "
-            "ranks' logs; raise dist.timeout_s only if ranks legitimately wait longer"
+            f"a peer rank stopped answering: no reply within dist.timeout_s={timeout_s} s ({detail}){who}; a rank "
+            "that did not arrive is hung (stuck collective, deadlock, paused or swapping process) or its host is "
+            "gone: read its log; raise dist.timeout_s only if ranks legitimately wait longer"
         )
     return PeerLostError(
         f"a peer rank died ({detail}); its own log names the cause (OOM kill, preemption, crash); "

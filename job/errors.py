@@ -8,6 +8,8 @@ The exit code is the error's kind, so launchers and cluster policies can tell th
   disk full). A restart may help, and resumes from the newest checkpoint.
 - PreemptedError, exit 75 (EX_TEMPFAIL, "try again later"): stopped on request (SIGTERM)
   after writing a checkpoint. Starting the same command again resumes.
+- Exit 130 (128 + SIGINT, the shells' convention): a second Ctrl-C stopped the job at once,
+  without waiting for a checkpoint; the newest one resumes.
 Raise one of these (or a subclass) so that the exit code shows where the error is raised;
 JobError is only the base the CLI catches.
 """
@@ -15,6 +17,7 @@ JobError is only the base the CLI catches.
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 
 def message_line(error: BaseException, last: bool = False) -> str:
@@ -52,6 +55,11 @@ class ConfigError(BadInputError):
 
 class DataError(BadInputError):
     """MNIST is missing, cannot be fetched, or its files are damaged."""
+
+
+class NewerFileError(BadInputError):
+    """A file written by a newer torch or a newer version of this job than the one reading it: intact,
+    only unreadable here. Never skipped as damaged and never replaced: the fix is the newer program."""
 
 
 class LaunchError(BadInputError):

@@ -21,23 +21,29 @@ asked of this launcher itself (SIGTERM) is not restarted. The exit status is the
   2   a worker exited 2: bad input, retrying cannot help
   75  the workers stopped after a checkpoint (75), or SIGTERM or Ctrl-C stopped this
       launcher (its workers checkpoint first): start the same command again to resume
+  130 a second Ctrl-C stopped the workers at once, without a checkpoint of that moment
   1   anything else: a run-time failure (a retry may help)
+In a terminal, torch's own notices around a stop ("Received 2 death signal, shutting down
+workers", "Sending process N closing signal SIGINT") are left out; LOGLEVEL=WARNING shows them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterable
 
-from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
+from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from job.loopback import is_loopback, loopback_address, tcp_store
 
-FINAL_CODES = frozenset({EXIT_BAD_INPUT})
-"""Worker exit codes after which restarting the group cannot help."""
+FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_INTERRUPTED})
+"""Worker exit codes after which the group is not restarted: bad input (a retry cannot help), and
+a worker the user interrupted (Ctrl-C twice, sent to it directly)."""
 
 
 def exit_code(worker_codes: Iterable[int]) -> int:
@@ -50,6 +56,9 @@ def exit_code(worker_codes: Iterable[int]) -> int:
     codes = set(worker_codes)
     if EXIT_BAD_INPUT in codes:
         return EXIT_BAD_INPUT
+    stopped = {EXIT_PREEMPTED, -signal.SIGTERM, -signal.SIGINT}
+    if EXIT_INTERRUPTED in codes and codes <= {EXIT_INTERRUPTED, *stopped}:
+        return EXIT_INTERRUPTED
     if EXIT_PREEMPTED in codes and codes <= {EXIT_PREEMPTED, -signal.SIGTERM}:
         return EXIT_PREEMPTED
     return EXIT_FAILED
@@ -78,6 +87,9 @@ def _no_restart_after_final_codes() -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+_interrupted_twice = False
+"""Whether a second Ctrl-C was passed on to the workers, which then stop at once (exit 130)."""
 
 _stop_signal: signal.Signals | None = None
 """The stop signal this launcher received, if any (set by the handler `_remember_stop_signals` wraps)."""
@@ -134,11 +146,16 @@ def _pass_a_second_ctrl_c_on() -> None:
 
     shutdown = LocalElasticAgent._shutdown
 
+    def pass_on(workers: list[int]) -> None:
+        global _interrupted_twice
+        _interrupted_twice = True
+        _signal_groups(workers, signal.SIGINT)
+
     @functools.wraps(shutdown)
     def shutdown_passing_ctrl_c(self, death_sig=signal.SIGTERM, *args, **kwargs):  # noqa: ANN001, ANN202
         if death_sig == signal.SIGINT and self._pcontext is not None:
             workers = list(self._pcontext.pids().values())
-            signal.signal(signal.SIGINT, lambda *_: _signal_groups(workers, signal.SIGINT))
+            signal.signal(signal.SIGINT, lambda *_: pass_on(workers))
         return shutdown(self, death_sig, *args, **kwargs)
 
     LocalElasticAgent._shutdown = shutdown_passing_ctrl_c
@@ -198,13 +215,75 @@ def _name_this_node_loopback_in_local_runs() -> None:
     torchrun.config_from_args = config_naming_loopback
 
 
+STORE_HOST_GONE_GRACE_S = 20.0
+"""How long this node's agent keeps watching its workers after the rendezvous store stopped
+answering, before it fails as torch's would: enough for workers that are exiting to exit
+(seconds, even on a loaded host)."""
+
+
+def _outlive_the_rendezvous_host_by_a_grace() -> None:
+    """A node whose workers exit with bad input (2) reports 2, also when the node that hosts the
+    c10d rendezvous store stopped first.
+
+    Bad input that every rank sees at once (ranks disagreeing on the run, job/same_run.py) makes
+    every node's workers exit 2 together. The store lives in the host node's agent: that agent
+    sees its workers' 2, stops and takes the store with it, while another node's workers are
+    still exiting. That node's agent, which polls the store between looks at its workers
+    (`rdzv_handler.num_nodes_waiting()` in `_invoke_run`, torch/distributed/elastic/agent/server/
+    api.py), then failed with RendezvousConnectionError: exit 1, a run-time failure a scheduler
+    retries (seen in 1 of 7 two-node runs here). Within STORE_HOST_GONE_GRACE_S of the first
+    failed poll, no node is counted as waiting, so the agent goes on to see its workers' own
+    exit codes; after it, the error is raised as before (the host is gone and the workers live on).
+    """
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    count = DynamicRendezvousHandler.num_nodes_waiting
+    unanswered_since: dict[int, float] = {}
+
+    @functools.wraps(count)
+    def num_nodes_waiting(self):  # noqa: ANN001, ANN202 (torch's private signature)
+        try:
+            waiting = count(self)
+        except RendezvousConnectionError:
+            first = unanswered_since.setdefault(id(self), time.monotonic())
+            if time.monotonic() - first > STORE_HOST_GONE_GRACE_S:
+                raise
+            return 0
+        unanswered_since.pop(id(self), None)
+        return waiting
+
+    DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
+
+
 def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
     for pid in leaders:
         with contextlib.suppress(ProcessLookupError):  # that worker has already exited
             os.killpg(pid, sig)
 
 
+def _quiet_torch_notices_in_a_terminal() -> None:
+    """torch's elastic agent logs each stop at WARNING (agent/server/api.py "Received N death signal,
+    shutting down workers"; multiprocessing/api.py "Sending process N closing signal ..."), between
+    the job's own lines. In a terminal the job's lines say it all; in a cluster's log, and whenever
+    LOGLEVEL is set (torch reads it for these loggers), they stay."""
+    if os.environ.get("LOGLEVEL") or not sys.stderr.isatty():
+        return
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> int:
+    """torchrun with the changes above; returns the exit status (module docstring). Once it is
+    decided, a late Ctrl-C is ignored: it would only interrupt the interpreter's shutdown."""
+    try:
+        return _launch()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _launch() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
@@ -214,6 +293,8 @@ def main() -> int:
     _pass_a_second_ctrl_c_on()
     _keep_local_stores_on_loopback()
     _name_this_node_loopback_in_local_runs()
+    _quiet_torch_notices_in_a_terminal()
+    _outlive_the_rendezvous_host_by_a_grace()
     try:
         torchrun()
     except ChildFailedError as e:
@@ -223,10 +304,10 @@ def main() -> int:
         # checkpoint and exit.
         if e.sigval not in STOP_SIGNALS:
             raise
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
     except Exception:
         if _stop_signal in STOP_SIGNALS:  # torch's own error masked the stop (_remember_stop_signals)
-            return EXIT_PREEMPTED
+            return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
         raise
     return 0
 

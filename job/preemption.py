@@ -63,7 +63,10 @@ class StopRequest:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
             if signum == signal.SIGINT:
-                log.info("Ctrl-C: stopping at the next checkpoint (press Ctrl-C again to stop at once)")
+                log.info(
+                    f"Ctrl-C: writing a checkpoint within {STOP_VOTE_EVERY_STEPS} steps, then stopping "
+                    "(press Ctrl-C again to stop at once)"
+                )
 
 
 class StopVote:

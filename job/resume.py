@@ -8,6 +8,8 @@ nothing in the run directory is changed or deleted by looking.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import Any
 
 from job.checkpoint import check_fields, recipe, recipe_digest
 from job.config import Config, show
-from job.errors import BadInputError, ConfigError
-from job.files import not_a_regular_file
+from job.errors import BadInputError, ConfigError, NewerFileError
+from job.files import not_a_regular_file, read_regular
 from job.model import state_shapes
 from job.run_dir import RunDir
 from job.safe_io import loads_weights_only, read_weights_file
@@ -26,10 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ResumeSource:
-    """The checkpoint a run resumes from: its path (for messages) and its raw bytes."""
+    """The checkpoint a run resumes from: its path (for messages) and its raw bytes; for a run
+    that has trained every epoch and written its results, `results` holds summary.json's bytes."""
 
     path: Path
     data: bytes
+    results: bytes | None = None
 
 
 def find_resume_source(cfg: Config) -> ResumeSource | None:
@@ -50,8 +54,23 @@ def find_resume_source(cfg: Config) -> ResumeSource | None:
         if mode == "auto":
             return None
         source = _read_given(Path(mode))
-    check_resumable(loads_weights_only(source.data, source.path), source.path, cfg)
+    state = loads_weights_only(source.data, source.path)
+    check_resumable(state, source.path, cfg)
+    if own and state["epochs_done"] >= cfg.train.epochs and not state["batches_done"]:
+        return dataclasses.replace(source, results=_finished_results(run))
     return source
+
+
+def _finished_results(run: RunDir) -> bytes | None:
+    """summary.json's bytes when a run that trained every epoch also wrote its results (else None:
+    the job evaluates the final checkpoint again and writes them)."""
+    if not_a_regular_file(run.model) or not_a_regular_file(run.summary):
+        return None
+    try:
+        data = read_regular(run.summary, "", "")
+        return data if "test_accuracy" in json.loads(data) else None
+    except (BadInputError, ValueError, TypeError):  # unreadable or not ours: written again
+        return None
 
 
 def _read_given(path: Path) -> ResumeSource:
@@ -83,11 +102,19 @@ def _check_no_results(run: RunDir) -> None:
 
 def _newest_valid(files: list[Path]) -> ResumeSource:
     """The newest checkpoint that loads weights-only and holds a whole training state; damaged
-    ones are reported and skipped, never deleted."""
+    ones are reported and skipped, never deleted. One written by a newer torch or job version
+    stops the search (NewerFileError): it is not damaged, and resuming from an older checkpoint
+    would overwrite it with less progress."""
     for path in reversed(files):
         try:
             data = read_weights_file(path)
             check_fields(loads_weights_only(data, path), path, state_shapes())
+        except NewerFileError as e:
+            if path == files[0]:
+                raise
+            raise NewerFileError(
+                f"{e}; the run stopped rather than resume from an older checkpoint and later write over this one"
+            ) from None
         except BadInputError as e:
             log.warning(f"skipping checkpoint {path.name}: {e}; trying the one before it")
             continue

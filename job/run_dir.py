@@ -1,8 +1,8 @@
 """The run directory's contract: every file a run writes there, named once (README: "The run directory").
 
-Training (rank 0 only) writes config.yaml, metrics.jsonl, tb/, checkpoints/, then model.pt
-and summary.json at the end; `python -m job plot` writes plots/. The job, the tools and the
-tests all find these files through RunDir.
+Training (rank 0 only) writes config.yaml, metrics.jsonl, tb/, checkpoints/ (and mlflow_run.json
+when tracking), then model.pt and summary.json at the end; `python -m job plot` writes plots/.
+The job, the tools and the tests all find these files through RunDir.
 """
 
 from __future__ import annotations
@@ -55,6 +55,12 @@ class RunDir:
     def summary(self) -> Path:
         """The final figures (JSON)."""
         return self.path / "summary.json"
+
+    @property
+    def mlflow_run(self) -> Path:
+        """The MLflow run this run directory is mirrored to (tracking.mlflow): its id, so that every
+        restart continues that run (JSON, job/tracking.py)."""
+        return self.path / "mlflow_run.json"
 
     @property
     def plots(self) -> Path:

@@ -9,6 +9,7 @@ directory may remove.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from job.errors import BadInputError, message_line
+from job.errors import BadInputError, NewerFileError, message_line
 from job.files import not_a_regular_file, open_regular
 
 
@@ -146,6 +147,13 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        version = archive_version(data)
+        if version is not None and version > readable_archive_version():
+            raise NewerFileError(
+                f"checkpoint {name} was written by a newer torch: its archive is format version {version} and this "
+                f"torch ({torch.__version__}) reads up to version {readable_archive_version()}; the file is intact "
+                "and was left as it is: use the newer torch that wrote it (or a later one)"
+            ) from None
         foreign = foreign_globals(data)
         if foreign:
             raise BadInputError(
@@ -156,6 +164,51 @@ def loads_weights_only(data: bytes, name: str | Path) -> Any:
         raise BadInputError(
             f"checkpoint {name} is truncated or corrupt ({_damage(data, e)}); use an intact copy"
         ) from None
+
+
+def archive_version(data: bytes) -> int | None:
+    """The format version a torch.save archive declares (its `<folder>/.data/version` record, or
+    `<folder>/version`, which torch's reader checks in that order), or None for bytes that are not
+    such an archive."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+            for suffix in ("/.data/version", "/version"):
+                found = [n for n in names if n.endswith(suffix) and n.count("/") == suffix.count("/")]
+                if found:
+                    return int(archive.read(found[0]).strip())
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError):
+        pass
+    return None
+
+
+def _with_archive_version(data: bytes, version: int) -> bytes:
+    """A torch.save archive's bytes with its version record set to `version`."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as copy:
+        for entry in archive.infolist():
+            record = archive.read(entry.filename)
+            copy.writestr(entry, f"{version}\n".encode() if entry.filename.endswith("/version") else record)
+    return out.getvalue()
+
+
+@functools.cache
+def readable_archive_version() -> int:
+    """The highest torch.save archive format version this torch reads (torch 2.14: 10). torch does
+    not expose it (C++'s kMaxSupportedFileFormatVersion), and its error's wording is no contract:
+    found by loading a tiny archive stamped with each version above the one this torch writes,
+    until one is refused (about 1 ms a version, once per process)."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    written = buffer.getvalue()
+    version = archive_version(written) or 0
+    while version < 1000:
+        try:
+            torch.load(io.BytesIO(_with_archive_version(written, version + 1)), weights_only=True)
+        except RuntimeError:
+            break
+        version += 1
+    return version
 
 
 def _weights_only_globals() -> set[str] | None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from job.cpu_kernels import cpu_capability
+
 
 def derive_seed(seed: int, stream: str, rank: int) -> int:
     """A 63-bit seed for one named stream on one rank; distinct per (seed, stream, rank)."""
@@ -83,13 +85,16 @@ def configure_numerics(deterministic: bool, tf32: bool) -> None:
 def bit_environment(device: torch.device, world_size: int) -> dict[str, Any]:
     """What a run's bits depend on besides its config: the same config and these values give
     the same weights, bit for bit (in deterministic mode). Threads per rank change how CPU
-    kernels split their sums; another torch or CUDA version, or device type, other kernels."""
+    kernels split their sums; another torch or CUDA version, device type or CPU instruction set
+    (job/cpu_kernels.py), other kernels."""
     environment: dict[str, Any] = {
         "world_size": world_size,
         "device": device.type,
         "threads_per_rank": torch.get_num_threads(),
         "torch": str(torch.__version__),  # a str: TorchVersion is not a weights-only global
     }
+    if device.type == "cpu":
+        environment["cpu_capability"] = cpu_capability()
     if device.type == "cuda":
         environment["cuda"] = torch.version.cuda
         environment["gpu"] = torch.cuda.get_device_name(device)

@@ -7,6 +7,7 @@ train over the shuffled training set and test on the full test set.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -21,6 +22,8 @@ from job import data
 from job.checkpoint import training_state
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
+from job.cpu_kernels import cpu_capability, pin_missed
+from job.cpu_quota import threads_per_process
 from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
@@ -35,6 +38,7 @@ from job.dist import (
 )
 from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
 from job.files import write_fix
+from job.hang import flight_recorder_env, hang_report, make_flight_recorder_dir
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
@@ -44,6 +48,7 @@ from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
+from job.same_run import check_same_run, run_identity
 from job.seeding import (
     bit_environment,
     configure_numerics,
@@ -53,6 +58,7 @@ from job.seeding import (
     seed_parameter_init,
     seed_rank_streams,
 )
+from job.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +173,7 @@ class Trainer:
         self.environment = bit_environment(ctx.device, ctx.world_size)
         self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
+        self.tracking: Tracking | None = None  # rank 0's MLflow run (tracking.mlflow)
 
     def fit(self) -> dict[str, Any]:
         on_some_ranks(self.ctx, self.ctx.is_leader, "opening the metrics", self.open_metrics)
@@ -196,6 +203,8 @@ class Trainer:
             self.metrics.resume(
                 self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
             )
+        if self.tracking:
+            self.tracking.begin(self.environment, self.ctx.env.launcher)
 
     def write_results(self, summary: dict[str, Any]) -> None:
         """Rank 0: model.pt and summary.json. RunFailedError when the weights are not finite or the
@@ -211,6 +220,8 @@ class Trainer:
                     f"cannot write {path} ({e.strerror or message_line(e)}); the checkpoints are intact: "
                     f"{write_fix(e)} and run the same command again, which writes the results again"
                 ) from None
+        if self.tracking:
+            self.tracking.finish()
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:
         """model_state(), or RunFailedError when a weight is NaN or infinite: such weights are never
@@ -232,7 +243,9 @@ class Trainer:
         self.step_model.train()
         samples_before, checkpoint_seconds, start = self.progress.samples_trained, 0.0, time.perf_counter()
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
+        self.ctx.at.phase = None
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
+            self.ctx.at.step = self.progress.global_step + 1  # what a collective timeout names (job/hang.py)
             vote = self.start_stop_vote(stop, batch_idx)  # overlaps the step's work
             loss = self.step(images, labels)
             # Every rank's batch is the same size, so the mean of rank means is the global batch mean.
@@ -317,6 +330,7 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.speed.bf16)
 
     def test(self, epoch: int) -> dict[str, Any]:
+        self.ctx.at.phase = f"testing epoch {epoch}"
         result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
         log.info(
             f"Test set: Avg. loss: {result['test_loss']:.4f}, Accuracy: {result['correct']}/{result['count']} "
@@ -342,6 +356,8 @@ class Trainer:
         def write() -> None:
             self.metrics.check()
             self.run.checkpoints.save(self.state_dict(rng), self.progress.global_step, self.cfg.checkpoint.keep)
+            if self.tracking:  # the points this checkpoint covers: a resume never logs them again
+                self.tracking.sync(self.progress.global_step)
 
         on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
         return time.perf_counter() - start
@@ -417,6 +433,7 @@ class Trainer:
             "backend": self.ctx.backend,
             "launcher": self.ctx.env.launcher,
             "commit": source_commit(),
+            **({"threads_from": threads_decided_by(self.ctx)} if self.ctx.device.type == "cpu" else {}),
         }
 
 
@@ -425,27 +442,43 @@ def run_training(cfg: Config) -> dict[str, Any]:
     env = read_launch_env()
     rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
+    flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
     with distributed(cfg.dist, env) as ctx:
         keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
             on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
             quiet_compiler()
         restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         log.info(
             f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
-            f"{torch.get_num_threads()} thread(s) per rank, run directory {cfg.run_dir}"
+            f"{torch.get_num_threads()} thread(s) per rank"
+            + (f" ({threads_decided_by(ctx)})" if ctx.device.type == "cpu" else "")
+            + f", run directory {cfg.run_dir}"
             + (f", restart {restarts}" if restarts != "0" else "")
         )
+        if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
+            log.warning(
+                f"the CPU kernels run {cpu_capability()}, not the portable AVX2 (torch was loaded before the job "
+                "pinned them, or ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA/MKL_ENABLE_INSTRUCTIONS are set): the "
+                "bits will differ from other hosts'; start the job as `python -m job train`"
+            )
         try:
             summary = _train(cfg, ctx)
         except RuntimeError as e:
-            lost = peer_lost_error(e, cfg.dist.timeout_s)
+            where = (ctx.at, ctx.rank, ctx.world_size, cfg.dist.timeout_s, cfg.run_dir, ctx.backend, e)
+            lost = peer_lost_error(e, cfg.dist.timeout_s, functools.partial(hang_report, *where))
             if lost is None:
                 raise
             raise lost from None
         log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
         return summary
+
+
+def threads_decided_by(ctx: DistContext) -> str:
+    """What set this CPU rank's threads: OMP_NUM_THREADS, the cgroup CPU quota or the cores (job/cpu_quota.py)."""
+    return threads_per_process(ctx.env.local_world_size)[1]
 
 
 def keep_process_groups(ctx: DistContext) -> None:
@@ -478,15 +511,32 @@ def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
     # Decided before the data step (which may download for minutes) and written after it, so
     # bad input never leaves a half-made or damaged run directory behind.
     source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))
+    # The server is asked before anything is written: unreachable is bad input (exit 2).
+    connect = functools.partial(Tracking.connect, cfg)
+    tracking = on_some_ranks(ctx, ctx.is_leader and cfg.tracking.mlflow, "connecting to the MLflow server", connect)
+    finished = broadcast_bytes(ctx, source.results if source else None)
+    if finished:  # a run started again after it finished: nothing to train, nothing to write
+        summary = json.loads(finished)
+        log.info(
+            f"{cfg.run_dir} holds a finished run ({summary.get('epochs')} epochs, step {summary.get('global_step')}): "
+            "nothing to do, nothing written; train more with a higher train.epochs, or start another run with "
+            "run.name=<new name>"
+        )
+        if cfg.tracking.mlflow:  # what an earlier end could not send
+            on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
+        return summary
     raw = broadcast_bytes(ctx, source.data if source else None)
     name = str(source.path) if source else "the checkpoint rank 0 chose"
     state = loads_weights_only(raw, name) if raw else None
     splits = prepare_data(cfg, ctx, splits=("train", "test"))
     trainer = Trainer(cfg, ctx, splits)
+    trainer.tracking = tracking
     if state is not None:
         trainer.load_state_dict(state, name)
     prepare = functools.partial(prepare_run_dir, cfg, state is not None, trainer.environment)
     on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", prepare)
+    if ctx.backend == "nccl" and make_flight_recorder_dir(cfg.run_dir) and ctx.is_leader:
+        log.info(f"A collective timeout writes torch's NCCL flight recorder to {cfg.run_dir}/hang/nccl-trace-rank-N")
     return trainer.fit()
 
 
@@ -498,5 +548,6 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     with distributed(cfg.dist, env) as ctx:
         keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
+        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))
         splits = prepare_data(cfg, ctx, splits=("test",))
         return evaluate(model.to(ctx.device), splits["test"], ctx, cfg.data.test_batch_size)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import BIN, REPO, make_tiny_mnist
+from helpers import BIN, REPO, MlflowServer, make_tiny_mnist
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,22 @@ def k8s_venv() -> None:
 def lint_venv() -> None:
     """helpers.LINT_BIN: checkov."""
     _made(".venv-lint/.installed")
+
+
+@pytest.fixture(scope="session")
+def mlflow_venv() -> None:
+    """helpers.MLFLOW_BIN: the MLflow server (the full mlflow; the job has only the client)."""
+    _made(".venv-mlflow/.installed")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_venv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One MLflow server on 127.0.0.1 for the session's tests (each uses its own experiment), stopped
+    after them. The tests' own client reports no telemetry either."""
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,11 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -25,6 +28,8 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 # The Makefile's K8S_VENV (kubectl, the schema validator, the Kubeflow models) and LINT_VENV (checkov).
 K8S_BIN = REPO / ".venv-k8s" / "bin"
 LINT_BIN = REPO / ".venv-lint" / "bin"
+# The Makefile's MLFLOW_VENV: the MLflow server (the mlflow_venv fixture builds it).
+MLFLOW_BIN = REPO / ".venv-mlflow" / "bin"
 
 TINY_TRAIN, TINY_TEST = 512, 203  # 203 splits unevenly over 2 and 3 ranks: padding would show
 
@@ -185,6 +190,16 @@ def assert_same_weights(run_dir: Path, reference: Path) -> None:
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
 
 
+def weights_digest(run_dir: Path) -> str:
+    """sha256 over model.pt's tensors (names, shapes, bytes) in name order: the bits of a run's
+    weights, independent of how torch.save lays out its zip."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_state(run_dir / "model.pt").items()):
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file under `directory` with its sha256: what 'left as it was' means."""
     return {
@@ -202,3 +217,83 @@ def tool(venv_bin: Path, name: str) -> str:
     if not path.exists():
         pytest.fail(f"{path} is missing: `make {venv_bin.parent.name}/.installed` installs it", pytrace=False)
     return str(path)
+
+
+# --- an MLflow tracking server ----------------------------------------------------------------
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 at a free port, its runs in a SQLite file and its artifacts in a
+    folder under `root`; telemetry off, and without the GenAI job runner (five huey processes).
+    Started again on the same port and files after a kill, it serves the same runs."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.process = root, None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MlflowServer:
+        cmd = [
+            tool(MLFLOW_BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        env = clean_env(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        with open(self.root / "server.log", "a") as log:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited {self.process.returncode}:\n{self.log()}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"mlflow server did not answer within 120 s:\n{self.log()}", pytrace=False)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server and its workers (its own session), and wait until they are gone."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        processes = [psutil.Process(self.process.pid)]
+        processes += processes[0].children(recursive=True)
+        os.killpg(self.process.pid, sig)
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        for process in alive:
+            process.kill()
+        self.process.wait()
+
+    def log(self) -> str:
+        return (self.root / "server.log").read_text()
+
+    def client(self):  # noqa: ANN201 (mlflow is imported only by the tests that use a server)
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+
+def mlflow_history(client, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN001
+    """Each metric the job sends (job.tracking.METRICS): its (step, value) points as the server
+    holds them, duplicates kept, by step."""
+    from job.tracking import METRICS
+
+    keys = [key for fields in METRICS.values() for key in fields.values()]
+    return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def metrics_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The same from a run directory's metrics.jsonl: what its MLflow run must mirror."""
+    from job.tracking import METRICS
+
+    history: dict[str, list[tuple[int, float]]] = {key: [] for fields in METRICS.values() for key in fields.values()}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        for field, key in METRICS.get(event["event"], {}).items():
+            history[key].append((event["step"], float(event[field])))
+    return {key: sorted(points) for key, points in history.items()}

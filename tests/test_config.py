@@ -216,3 +216,53 @@ def test_values_in_messages_are_spelt_as_in_yaml():
         load_config(overrides=["run.name=null"])
     with pytest.raises(ConfigError, match=r"data\.train_limit=true has the wrong type"):
         load_config(overrides=["data.train_limit=true"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "value"),
+    [
+        ("optim.lr=1e-3", "optim.lr", 0.001),
+        ("optim.lr=5E-3", "optim.lr", 0.005),
+        ("optim.lr=1.0e-2", "optim.lr", 0.01),
+        ("optim.momentum=.5e0", "optim.momentum", 0.5),
+        ("data.train_limit=1e4", "data.train_limit", 10_000),
+        ("data.global_batch_size=6.4e1", "data.global_batch_size", 64),
+        ("run.name=1e3", "run.name", "1e3"),  # a name stays as written, not 1000.0
+        ("run.name=007", "run.name", "007"),
+        ("run.name=1.10", "run.name", "1.10"),
+    ],
+)
+def test_numbers_are_read_as_people_write_them(override, key, value):
+    """PyYAML reads YAML 1.1, where 1e-3 is a string; the config reads YAML 1.2's numbers."""
+    cfg = load_config(overrides=[override])
+    *sections, leaf = key.split(".")
+    node = cfg
+    for section in sections:
+        node = getattr(node, section)
+    assert getattr(node, leaf) == value and type(getattr(node, leaf)) is type(value)
+
+
+def test_exponent_numbers_in_a_config_file_and_a_runs_config_yaml(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("optim:\n  lr: 5e-3\ndata:\n  train_limit: 1e4\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.data.train_limit) == (0.005, 10_000)
+    resolved = tmp_path / "config.yaml"  # what a run directory holds, read again by plot
+    resolved.write_text(dump_config(load_config(overrides=["optim.lr=1e-5"])))
+    assert load_config(resolved).optim.lr == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("data.train_limit=1.5e0", "wrong type: expected an integer"),  # not a whole number
+        ("train.epochs=2.5e0", "wrong type: expected an integer"),
+        ("optim.lr=1e", "wrong type: expected a number"),
+        ("optim.lr=e-3", "wrong type: expected a number"),
+        ("optim.lr=1e-3x", "wrong type: expected a number"),
+        ("seed=1e30", "out of range"),
+    ],
+)
+def test_what_is_not_a_number_of_the_keys_kind_is_still_refused(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides=[override])

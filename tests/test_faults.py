@@ -10,16 +10,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pty
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from helpers import (
     BIN,
     REPO,
@@ -34,7 +37,7 @@ from helpers import (
     tiny_overrides,
 )
 
-from job.errors import EXIT_FAILED, EXIT_PREEMPTED
+from job.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 STEPS_PER_EPOCH = 50
 
@@ -256,6 +259,48 @@ def test_ctrl_c_in_a_terminal_checkpoints_every_rank_and_says_how_to_resume(medi
 
 
 @pytest.mark.processes
+def test_a_second_ctrl_c_in_a_terminal_stops_the_launcher_at_once_with_130(medium_root, tmp_path):
+    """make train-local's launcher with a terminal (a pty) for its output, Ctrl-C twice: exit 130,
+    not 75 (the second press does not wait for a checkpoint); the host's one `interrupted:` line, no
+    KeyboardInterrupt noise from a late press, and none of torch's notices between the job's lines."""
+    run_dir = tmp_path / "run"
+    # Steps of 320 samples, a vote every 10: the second press lands well before the stop's checkpoint.
+    args = train_args(medium_root, run_dir, "train.epochs=30", "data.global_batch_size=320")
+    launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job", *args]
+    terminal, screen = pty.openpty()
+    job = subprocess.Popen(
+        launch, env=clean_env(), stdin=subprocess.DEVNULL, stdout=screen, stderr=screen, start_new_session=True
+    )
+    os.close(screen)
+    shown = bytearray()
+
+    def read_screen() -> None:
+        with contextlib.suppress(OSError):  # EIO once every process has closed the terminal
+            while chunk := os.read(terminal, 4096):
+                shown.extend(chunk)
+
+    reader = threading.Thread(target=read_screen, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 240
+    while max(checkpoint_steps(run_dir), default=0) < 10:
+        assert time.monotonic() < deadline and job.poll() is None, shown.decode(errors="replace")
+        time.sleep(0.02)
+    os.killpg(job.pid, signal.SIGINT)
+    while b"press Ctrl-C again" not in shown:
+        assert time.monotonic() < deadline and job.poll() is None, shown.decode(errors="replace")
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGINT)
+    code = job.wait(timeout=60)
+    reader.join(timeout=10)
+    os.close(terminal)
+    output = shown.decode(errors="replace")
+    assert code == EXIT_INTERRUPTED, output
+    assert output.count("interrupted: Ctrl-C; run the same command again") == 1, output  # one per host
+    for noise in ("KeyboardInterrupt", "Exception ignored", "Traceback", "death signal", "closing signal"):
+        assert noise not in output, output
+
+
+@pytest.mark.processes
 def test_a_second_ctrl_c_stops_at_once_in_one_line(medium_root, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "log"
     job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir)], log)
@@ -291,18 +336,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_by_hand(root: Path, run_dir: Path, tmp_path: Path, timeout_s: int) -> list[tuple[subprocess.Popen, Path]]:
-    """Two ranks started directly with the env:// variables (no launcher to notice a failure):
+def launch_by_hand(
+    root: Path, run_dir: Path, tmp_path: Path, timeout_s: int, nproc: int = 2, *extra: str
+) -> list[tuple[subprocess.Popen, Path]]:
+    """`nproc` ranks started directly with the env:// variables (no launcher to notice a failure):
     what each rank does on its own when its peer hangs or dies."""
     port = str(free_port())
     ranks = []
-    for rank in range(2):
+    for rank in range(nproc):
         env = clean_env(
-            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+            RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
         )  # fmt: skip
         log = tmp_path / f"rank{rank}.log"
-        cmd = [sys.executable, "-m", "job", *train_args(root, run_dir, f"dist.timeout_s={timeout_s}")]
+        cmd = [sys.executable, "-m", "job", *train_args(root, run_dir, f"dist.timeout_s={timeout_s}", *extra)]
         ranks.append((start(cmd, log, env), log))
     return ranks
 
@@ -334,6 +381,106 @@ def test_a_lost_peer_ends_the_job_within_the_timeout_naming_the_cause(medium_roo
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.processes
+def test_a_hang_names_the_rank_that_did_not_arrive_and_every_live_rank_writes_its_stacks(medium_root, tmp_path):
+    """Issue 21, case 6: 3 ranks, rank 1 SIGSTOPped mid-training. Ranks 0 and 2 each end with one
+    line naming rank 1 and the step whose collective it never reached, and write their own Python
+    stacks (the wait that timed out, and every thread) to hang/rank-N.txt in the run directory."""
+    run_dir = tmp_path / "run"
+    ranks = launch_by_hand(medium_root, run_dir, tmp_path, 5, 3, "data.global_batch_size=48")
+    (rank0, log0), (rank1, _), (rank2, log2) = ranks
+    try:
+        wait_for_checkpoint(run_dir, 10, [rank0, rank1, rank2], log0)
+        logged = log0.read_text().count("Train Epoch")
+        while log0.read_text().count("Train Epoch") == logged:  # training again: the next step's line
+            time.sleep(0.02)
+        rank1.send_signal(signal.SIGSTOP)
+        steps = []
+        for rank, (proc, log) in ((0, (rank0, log0)), (2, (rank2, log2))):
+            assert proc.wait(timeout=90) == EXIT_FAILED, log.read_text()
+            errors = [line for line in log.read_text().splitlines() if "error:" in line]
+            assert len(errors) == 1 and "Traceback" not in log.read_text(), log.read_text()
+            assert errors[0].startswith(f"[rank {rank}] error: a peer rank stopped answering"), errors[0]
+            # A step's collective; rarely, if the stop landed there, the checkpoint's after a step.
+            named = re.search(
+                r"rank 1 did not arrive at (step (\d+)'s|the collective while writing a checkpoint after step (\d+))",
+                errors[0],
+            )
+            assert named, errors[0]
+            steps.append(named[1])
+            stacks = run_dir / "hang" / f"rank-{rank}.txt"
+            assert f"this rank's stacks: {stacks}" in errors[0], errors[0]
+            text = stacks.read_text()
+            assert "train_epoch" in text and "Current thread" in text, text  # the wait, and every thread
+        assert steps[0] == steps[1] and int(re.findall(r"\d+", steps[0])[0]) > 10, steps  # the same, after step 10
+        assert not (run_dir / "hang" / "rank-1.txt").exists()
+    finally:
+        for proc, _ in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.processes
+def test_a_hung_rank_that_hosts_the_store_is_named_as_the_likely_one(medium_root, tmp_path):
+    """Started by hand (or with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), rank 0's process hosts the
+    store the ranks would answer in: stopped, it cannot be asked, and the line says so."""
+    run_dir = tmp_path / "run"
+    (rank0, log0), (rank1, log1) = launch_by_hand(medium_root, run_dir, tmp_path, 5)
+    try:
+        wait_for_checkpoint(run_dir, 10, [rank0, rank1], log0)
+        rank0.send_signal(signal.SIGSTOP)
+        assert rank1.wait(timeout=90) == EXIT_FAILED, log1.read_text()
+        errors = [line for line in log1.read_text().splitlines() if "error:" in line]
+        assert len(errors) == 1 and "the process group's store did not answer either" in errors[0], errors
+        assert "rank 0 is the likely one" in errors[0] and "rank-1.txt" in errors[0], errors[0]
+        assert "Current thread" in (run_dir / "hang" / "rank-1.txt").read_text()
+    finally:
+        for proc in (rank0, rank1):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_the_nccl_flight_recorder_dumps_into_the_run_directory_unless_told_otherwise(tmp_path):
+    """The variables torch 2.14.1 reads (their names are in its library), set before any process group."""
+    import mmap
+
+    from job.hang import flight_recorder_env
+
+    environ: dict[str, str] = {}
+    flight_recorder_env(tmp_path / "run", environ)
+    assert environ == {
+        "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        "TORCH_FR_DUMP_TEMP_FILE": f"{(tmp_path / 'run').resolve()}/hang/nccl-trace-rank-",  # + the rank
+    }
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for name in environ:
+            if name != "TORCH_NCCL_DUMP_ON_TIMEOUT":  # read in libtorch_cuda (ProcessGroupNCCL.hpp)
+                assert data.find(name.encode() + b"\0") >= 0, name
+    # The user's own choices, in either torch's current or its older (still read) names, are kept.
+    mine = {
+        "TORCH_NCCL_TRACE_BUFFER_SIZE": "0",
+        "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": "/x/",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "0",
+    }
+    environ = dict(mine)
+    flight_recorder_env(tmp_path / "run", environ)
+    assert environ == mine
+
+
+def test_a_hang_report_names_the_step_or_the_phase():
+    from job.hang import Whereabouts
+
+    assert Whereabouts(step=37, phase=None).collective() == "step 37's collective"
+    assert Whereabouts(step=40, phase="writing a checkpoint").collective() == (
+        "the collective while writing a checkpoint after step 40"
+    )
+    assert Whereabouts().collective() == "the collective while starting"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,9 @@ import functools
 import ipaddress
 import json
 import os
+import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,31 @@ def test_the_fetch_mnist_component_fetches_into_the_trainers_data_dir_before_it_
     assert init["args"] == ["python", "-m", "job", "data", "--root", "/app/data"]
     mounts = {m["name"]: m["mountPath"] for m in container(pod, "trainer")["volumeMounts"]}
     assert mounts["data"] == "/app/data" == {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["data"]
+
+
+def test_the_mlflow_tracking_component_turns_tracking_on_and_lets_the_pods_reach_the_server(tmp_path):
+    docs = render_with_component("mlflow-tracking", tmp_path)
+    trainer = container(one(docs, "Job")["spec"]["template"]["spec"], "trainer")
+    _, job_args = torchrun_flags(trainer["args"])
+    config_file, overrides = config_of(job_args)
+    assert config_file == "$(JOB_CONFIG)"
+    cfg = load_job_config(docs, env_values(trainer)["JOB_CONFIG"], overrides, tmp_path)
+    assert cfg.tracking.mlflow is True and cfg.tracking.uri is None  # the URI from the environment
+    uri_ref = next(e for e in trainer["env"] if e["name"] == "MLFLOW_TRACKING_URI")["valueFrom"]["configMapKeyRef"]
+    tracking = one(docs, "ConfigMap", uri_ref["name"])
+    assert tracking["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mnist-ddp"  # make delete finds it
+    uri = urllib.parse.urlsplit(tracking["data"][uri_ref["key"]])
+    assert uri.scheme in ("http", "https") and uri.username is None and uri.password is None
+    # Credentials only from a Secret the user creates, never a value in a manifest.
+    assert trainer["envFrom"] == [{"secretRef": {"name": "mnist-ddp-mlflow", "optional": True}}]
+    assert not [e for e in trainer["env"] if re.search("PASSWORD|TOKEN|USERNAME", e["name"])]
+    # The NetworkPolicy: what the cpu overlay allows, plus the server's pods on the URI's port.
+    *kept, server = trainer_policy(docs)["egress"]
+    assert kept == trainer_policy(render("k8s/overlays/cpu"))["egress"]
+    assert server["ports"] == [{"protocol": "TCP", "port": uri.port}]
+    assert [set(peer) for peer in server["to"]] == [{"namespaceSelector", "podSelector"}]
+    result = validate(list(docs), NEWEST, tmp_path)
+    assert result.returncode == 0 and "ERROR" not in result.stdout + result.stderr, result.stdout + result.stderr
 
 
 def test_the_single_node_volume_component_makes_the_claim_read_write_once(tmp_path):

@@ -7,6 +7,7 @@ code a test asks for, so what is measured is the launcher, not the job.
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,3 +195,47 @@ def test_bad_input_found_by_the_workers_is_one_line_and_never_retried(tiny_root,
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, needle)
     assert "Traceback" not in result.stderr
+
+
+EXIT_AFTER_HOST = """
+import os, sys, time
+while True:  # until the node hosting the rendezvous store has exited, store and all
+    try:
+        os.kill(int(os.environ["STORE_HOST_PID"]), 0)
+    except ProcessLookupError:
+        break
+    time.sleep(0.05)
+time.sleep(1)  # this node's agent polls the store (every --monitor-interval) meanwhile
+sys.exit(2)
+"""
+
+
+@pytest.mark.processes
+def test_a_node_whose_workers_exit_2_after_the_store_host_left_still_exits_2(tmp_path):
+    """Two nodes at a c10d rendezvous whose workers all exit 2 (bad input every rank sees, as
+    job/same_run.py's check): the host node's launcher exits first and takes the store with it.
+    The other node's agent then polled a store that no longer answered and exited 1 (a run-time
+    failure a scheduler retries; 1 in 7 two-node runs of test_same_run.py); it must exit 2."""
+    port = free_port()
+    worker = tmp_path / "worker.py"
+    worker.write_text("import sys\nsys.exit(2)\n")
+    (tmp_path / "late.py").write_text(EXIT_AFTER_HOST)
+    nodes = []
+    for node, script in enumerate((worker, tmp_path / "late.py")):
+        cmd = [
+            sys.executable, "-m", "job.launch", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "host-left", "--rdzv-conf", f"is_host={1 - node}",
+            "--max-restarts", "3", "--monitor-interval", "0.1", str(script),
+        ]  # fmt: skip
+        env = clean_env(PYTHONPATH=str(REPO), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+        if node == 1:
+            env["STORE_HOST_PID"] = str(nodes[0].pid)
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    codes = [node.wait(timeout=120) for node in nodes]
+    assert codes == [EXIT_BAD_INPUT, EXIT_BAD_INPUT], nodes[1].stderr.read().decode()[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
+import pytest
 import yaml
 from helpers import REPO
 
@@ -43,7 +45,7 @@ def test_train_accelerate_uses_a_config_from_the_repo():
 
 
 def test_model_targets_use_the_run_directory():
-    assert "tensorboard --logdir_spec x:runs/x/tb --port 6006" in _make("-n", "tensorboard", "RUN=runs/x")
+    assert "tensorboard --logdir_spec x:runs/x --port 6006" in _make("-n", "tensorboard", "RUN=runs/x")
     assert "-m job plot runs/x" in _make("-n", "plot", "RUN=runs/x")
     assert "-m job predict --checkpoint runs/x/model.pt a.png b.jpg" in _make(
         "-n", "predict", "RUN=runs/x", "IMAGES=a.png b.jpg"
@@ -56,6 +58,24 @@ def test_export_offers_every_format_with_its_suffix():
         assert f"-m job export --checkpoint runs/x/model.pt --format {fmt} --out runs/x/model.{suffix}" in export
     (line,) = [line for line in _make("help").splitlines() if line.split()[:1] == ["export"]]
     assert f"({'|'.join(FORMATS)})" in line
+
+
+def test_tensorboard_names_the_run_by_its_name_as_logdir_runs_does(tmp_path):
+    """TensorBoard joins a logdir_spec's name with each event directory's path below it: events
+    straight under the spec's path were shown as `x/.`; the run reads `x/tb`, as under `--logdir runs`."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "x"
+    with SummaryWriter(log_dir=str(run / "tb")) as writer:  # where the job writes (job/metrics.py)
+        writer.add_scalar("loss", 1.0, 1)
+    command = _make("-n", "tensorboard", f"RUN={run}").split()
+    name, path = command[command.index("--logdir_spec") + 1].split(":", 1)
+    spec = EventMultiplexer()
+    spec.AddRunsFromDirectory(path, name)
+    whole = EventMultiplexer()
+    whole.AddRunsFromDirectory(str(tmp_path))  # tensorboard --logdir runs
+    assert list(spec.Runs()) == list(whole.Runs()) == ["x/tb"]
 
 
 def test_tensorboard_listens_on_loopback_unless_told_otherwise():
@@ -189,3 +209,42 @@ def test_gpu_check_needs_no_setup_and_runs_on_the_hosts_python_without_the_venv(
     assert "tests/tools/gpu_check.py --allow-cpu" in _make("-n", "gpu-check", "ALLOW_CPU=1")
     command = _make("-n", "gpu-check", "VENV=/nonexistent", "GPU_CHECK_ARGS=--data mnist-gz")
     assert command.split() == ["python3", "tests/tools/gpu_check.py", "--data", "mnist-gz"]
+
+
+@pytest.mark.parametrize(
+    ("target", "packages"),
+    [("k8s-local-test", "iproute2 util-linux mount tini"), ("slurm-test", "slurmctld slurmd slurm-client munge")],
+)
+def test_the_root_tiers_install_their_debian_packages_first(target, packages):
+    """A fresh machine gets the packages once, before pytest, not a failure per test naming them."""
+    recipe = _make("-n", target)
+    install = recipe.index(f"apt-get install -y -qq --no-install-recommends {packages}")
+    assert install < recipe.index("-m pytest")
+
+
+def _make_failing(*args: str, path: str | None = None) -> str:
+    env = {**os.environ, "PATH": f"{path}:{os.environ['PATH']}"} if path else None
+    result = subprocess.run(["make", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    return result.stderr.splitlines()[0]
+
+
+def test_a_misspelt_overlay_names_the_valid_ones(k8s_venv):
+    line = _make_failing("k8s-render", "OVERLAY=gpus")
+    assert line.startswith("error: k8s/overlays/gpus does not exist; OVERLAY is one of: cpu gpu kubeflow-pytorchjob")
+
+
+def test_slurm_status_without_a_controller_shows_squeues_own_error(tmp_path):
+    """squeue failing is not an empty queue: its own (last, fatal) line comes through."""
+    squeue = tmp_path / "squeue"
+    squeue.write_text(
+        "#!/bin/sh\necho 'squeue: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host' >&2\n"
+        "echo 'squeue: fatal: Could not establish a configuration source' >&2\nexit 1\n"
+    )
+    squeue.chmod(0o755)
+    line = _make_failing("slurm-status", path=str(tmp_path))
+    assert line.startswith("error: squeue failed: squeue: fatal: Could not establish a configuration source"), line
+    assert "SLURM_CONF" in line
+    squeue.write_text("#!/bin/sh\nexit 0\n")  # a controller that answers: an empty queue
+    empty = _make_failing("slurm-status", path=str(tmp_path))
+    assert empty == "error: no mnist-ddp job of yours in the queue; pass JOB=<id>"

@@ -10,7 +10,7 @@ import torch
 from helpers import assert_ok, assert_one_line_error, run_job, tiny_overrides
 from PIL import Image
 
-from job.plot import confusion_matrix
+from job.plot import confusion_figure, confusion_matrix, figure_digits
 
 FIGURES = ("digits.png", "training_curve.png", "confusion_matrix.png")
 
@@ -75,6 +75,22 @@ def test_confusion_matrix_counts_true_against_predicted():
     counts = confusion_matrix(labels, predictions)
     assert counts[0, 0] == 1 and counts[0, 1] == 1 and counts[1, 1] == 1 and counts[9, 9] == 2 and counts[9, 4] == 1
     assert counts.sum() == 6
+
+
+def test_the_digit_figure_shows_the_misread_digits_first():
+    """The tutorial's figure is about mistakes: the first test digits are nearly all read right."""
+    labels = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+    predictions = torch.tensor([1, 2, 3, 9, 5, 6, 7, 0])
+    assert figure_digits(labels, predictions, 4).tolist() == [3, 7, 0, 1]
+    assert figure_digits(labels, predictions, 2).tolist() == [3, 7]
+    assert figure_digits(labels, labels, 3).tolist() == [0, 1, 2]
+
+
+def test_the_confusion_matrix_colours_counts_on_a_linear_scale():
+    counts = confusion_matrix(torch.tensor([0] * 1000 + [1] * 5), torch.tensor([0] * 1000 + [2] * 5))
+    (image,) = confusion_figure(counts).axes[0].get_images()
+    assert type(image.norm).__name__ == "Normalize", "a colour must read as a count"
+    assert image.norm(500) == pytest.approx(0.5) and image.norm(0) == 0
 
 
 def test_tensorboards_digit_figure_is_what_torchvision_would_draw():

@@ -195,11 +195,21 @@ def test_train_epochs_decides_how_a_finished_run_continues(reference, tiny_root,
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
 
+    before = snapshot(run_dir)
     again = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)])
-    assert_ok(again)  # a restart after the last checkpoint: nothing left to train, results rewritten
+    assert_ok(again)  # the same command after the run finished: said at once, nothing touched
+    assert f"{run_dir} holds a finished run (2 epochs, step 16): nothing to do, nothing written" in again.stdout
+    assert "Test set" not in again.stdout and "Resuming" not in again.stdout, "no data loaded, nothing evaluated"
+    assert snapshot(run_dir) == before, "model.pt, summary.json, metrics.jsonl and config.yaml untouched"
+    assert read_summary(run_dir)["resumes"] == read_summary(reference)["resumes"]
+
+    cut_short = tmp_path / "cut-short"  # killed after its last checkpoint, before writing the results
+    shutil.copytree(reference, cut_short, ignore=shutil.ignore_patterns("model.pt", "summary.json"))
+    again = run_job(["train", *tiny_overrides(tiny_root, cut_short, *CHECKPOINTING)])
+    assert_ok(again)  # nothing left to train, the results written from the last checkpoint
     assert "All 2 epochs were trained already" in again.stdout
     assert "epoch 3" not in again.stdout, "a finished run is not resumed into an epoch it will not train"
-    assert_same_weights(run_dir, reference)
+    assert_same_weights(cut_short, reference)
 
     fewer = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, "train.epochs=1")])
     assert_one_line_error(fewer, "it has trained into epoch 2 but train.epochs=1", "set train.epochs >= 2")

@@ -21,6 +21,7 @@ installs them when missing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LAUNCH_VARS, REPO, load_state, make_tiny_mnist
+from helpers import LAUNCH_VARS, REPO, load_state, make_tiny_mnist, metrics_history, mlflow_history
 from slurm_cluster import (
     PACKAGES,
     ClusterError,
@@ -125,10 +126,13 @@ def reference(config, tmp_path_factory) -> Callable[[], Path]:
 class Job:
     """One submission of slurm/train.sbatch: 2 nodes x 1 process, its run directory and output in `work`."""
 
-    def __init__(self, cluster: SlurmCluster, config: Path, work: Path, *overrides: str) -> None:
+    def __init__(
+        self, cluster: SlurmCluster, config: Path, work: Path, *overrides: str, env: dict[str, str] | None = None
+    ) -> None:
+        """`env`: more of the submitting shell's environment (sbatch hands it to the job)."""
         self.cluster, self.work = cluster, work
         self.run_dir = work / "run"
-        env = cluster.env(JOB_PYTHON=sys.executable, RDZV_PORT=str(cluster.new_port()))
+        env = cluster.env(JOB_PYTHON=sys.executable, RDZV_PORT=str(cluster.new_port()), **(env or {}))
         for name in LAUNCH_VARS:
             env.pop(name, None)
         argv = ["--nodes=2", "--partition=low", f"--output={work}/slurm-%j.out", str(SBATCH),
@@ -177,6 +181,28 @@ class Job:
 
         self.cluster.wait_for(written, JOB_TIMEOUT_S, f"job {self.id}'s checkpoint at step >= {step}")
 
+    def hold(self) -> list[int]:
+        """SIGSTOP the job's workers (its processes with RANK set, not torchrun or srun) where they are:
+        the run cannot reach its last step before a signal already on its way arrives, however fast
+        the machine and however slow the scheduler. release_once_signalled lets them go on."""
+        workers = [p.pid for p in self.cluster.job_processes(self.id) if "RANK" in p.env]
+        assert len(workers) == 2, f"2 workers expected, found {workers}\n{self.output}"
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        return workers
+
+    def release_once_signalled(self, workers: list[int], sig: signal.Signals = signal.SIGTERM) -> None:
+        """SIGCONT the held workers once `sig` is pending in every one (or something, e.g. slurmd's own
+        SIGCONT before its SIGTERM, has let it run on, or it is gone)."""
+        self.cluster.wait_for(
+            lambda: all(_signal_pending_or_running(pid, sig) for pid in workers),
+            JOB_TIMEOUT_S,
+            f"{sig.name} to reach job {self.id}'s held workers",
+        )
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def events(self, kind: str) -> list[dict]:
         lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
         return [event for event in map(json.loads, lines) if event["event"] == kind]
@@ -191,6 +217,17 @@ class Job:
 # once and the run resumes from the newest checkpoint: it waits for step 20's.
 SIGTERM_AFTER_STEP = CHECKPOINT_EVERY
 SIGKILL_AFTER_STEP = 2 * CHECKPOINT_EVERY
+
+
+def _signal_pending_or_running(pid: int, sig: signal.Signals) -> bool:
+    """/proc/PID/status: `sig` pending for the thread or the process (SigPnd, ShdPnd: hex masks with
+    bit sig-1), or the process no longer stopped (State other than T), or gone."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    except OSError:
+        return True
+    pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+    return bool(pending & (1 << (sig - 1))) or not fields["State"].strip().startswith("T")
 
 
 def assert_same_bits(run_dir: Path, reference: Path) -> None:
@@ -257,13 +294,19 @@ def test_e_bad_input_exits_2_is_not_requeued_and_says_why_in_one_line(cluster, f
 # --- wave 2: (b) -----------------------------------------------------------------------------
 
 
-def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, config, reference, tmp_path):
+def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(
+    cluster, config, reference, mlflow_server, tmp_path
+):
     cluster.wait_until_idle(JOB_TIMEOUT_S)  # the high job must find only this one to preempt
-    job = Job(cluster, config, tmp_path)
+    # Tracked in MLflow, the server's URI from the submitting shell (slurm/README.md, MLflow tracking).
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    job = Job(cluster, config, tmp_path, "tracking.mlflow=true", "tracking.experiment=slurm-b", env=env)
     job.wait_for_checkpoint(SIGTERM_AFTER_STEP)
+    held = job.hold()  # mid-run until the preemption's SIGTERM is there (it once came after step 100)
     # A whole node in the high partition: only the low job's cores can make room.
     high = cluster.sbatch(["--partition=high", "--nodes=1", "--exclusive", "--output=/dev/null", "--wrap=sleep 1"],
                           cwd=tmp_path)  # fmt: skip
+    job.release_once_signalled(held)
     info = job.wait_until_done(restarts=1)
     assert state(info) == ("COMPLETED", "0:0", "1"), job.output
     assert cluster.job(high)["JobState"] == "COMPLETED"
@@ -271,15 +314,23 @@ def test_b_preempted_by_the_high_partition_it_is_requeued_and_resumes(cluster, c
     assert "SLURM_RESTART_COUNT=1" in job.output
     step = assert_resumed_mid_run(job)
     assert_same_bits(job.run_dir, reference())
-    print(f"(b) preempted, exit 75, requeued once, resumed at step {step} of {STEPS}: same bits")
+    # The requeued job continued its MLflow run: one run, every point of metrics.jsonl once.
+    client = mlflow_server.client()
+    (run,) = client.search_runs([client.get_experiment_by_name("slurm-b").experiment_id])
+    assert mlflow_history(client, run.info.run_id) == metrics_history(job.run_dir)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    print(f"(b) preempted, exit 75, requeued once, resumed at step {step} of {STEPS}: same bits, one MLflow run")
 
 
 # --- wave 3: (c), (d) ------------------------------------------------------------------------
 
 
 def send_time_limit_signal(job: Job) -> None:
-    """What --signal=B:TERM@<grace> sends when the time limit nears: SIGTERM to the batch shell only."""
+    """What --signal=B:TERM@<grace> sends when the time limit nears: SIGTERM to the batch shell only
+    (which forwards it to the steps), the workers held mid-run until it reaches them."""
+    held = job.hold()
     job.cluster.client("scancel", "--batch", "--signal=TERM", str(job.id))
+    job.release_once_signalled(held)
 
 
 def kill_worker_of_rank_1(job: Job) -> None:

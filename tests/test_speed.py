@@ -111,8 +111,9 @@ def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: P
     text = out.read_text()
     assert text.startswith("# Speed\n\nanalysis above\n") and text.endswith("notes below\n")
     assert "old table" not in text
-    for row in ("| (a) | tutorial loop", "| (b) | job, 1 process", "| (c) | job, 2 ranks x 1 thread", "| (d) |"):
+    rows = ("| (a) | tutorial loop", "| (b) | job, 1 process", "| (c) | job, 2 ranks x 1 thread", "| (d) |", "| (e) |")
+    for row in rows:
         assert row in text
-    for target in ("(b)/(a)", "(c)/(b)", "(d) batches/s", "test accuracy (b) - (a)"):
+    for target in ("(b)/(a)", "(c)/(b)", "(d) batches/s", "test accuracy (b) - (a)", "(e)/(b)"):
         assert target in text
     assert "Machine: " in text and "torch 2.14.1" in text

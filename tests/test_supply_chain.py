@@ -23,12 +23,14 @@ from packaging.utils import canonicalize_name
 from job import data
 
 LOCK = REPO / "requirements.lock"  # .venv: pyproject.toml's dependencies, every extra, the build backend
-IMAGE_LOCK = REPO / "docker" / "requirements.lock"  # the image: pyproject.toml's dependencies
+IMAGE_LOCK = REPO / "docker" / "requirements.lock"  # the image: pyproject.toml's dependencies + IMAGE_EXTRAS
+IMAGE_EXTRAS = ("tracking",)  # the MLflow client: a cluster job tracks without rebuilding the image
 # Each tool venv's lock beside what people edit: the requirements file it is made from.
 TOOL_LOCKS = {
     REPO / "k8s" / "requirements.txt": REPO / "k8s" / "requirements.lock",
     REPO / "docker" / "lint-requirements.txt": REPO / "docker" / "lint-requirements.lock",
     REPO / "lock-requirements.txt": REPO / "lock-requirements.lock",
+    REPO / "mlflow-requirements.txt": REPO / "mlflow-requirements.lock",
 }
 ALL_LOCKS = [LOCK, IMAGE_LOCK, *TOOL_LOCKS.values()]
 # Where constraints.txt was frozen and the image runs: Linux x86_64, CPython 3.11 (Debian bookworm's).
@@ -187,18 +189,22 @@ def test_the_venv_lock_holds_every_pin_of_constraints_and_pyproject():
 
 
 def test_the_image_lock_is_the_runtime_part_of_the_venv_lock():
-    """The image runs what the tests ran: the same files, less the extras (pytest, ruff, ...)."""
+    """The image runs what the tests ran: the same files, less the other extras (pytest, ruff, onnx...)."""
     image, venv = read_lock(IMAGE_LOCK), {(p.name, p.version, p.marker): p.hashes for p in read_lock(LOCK)}
     project = pyproject()["project"]
-    problems = unmet(project["dependencies"], image, str(IMAGE_LOCK.relative_to(REPO)))
+    extras_in_image = [r for extra in IMAGE_EXTRAS for r in project["optional-dependencies"][extra]]
+    problems = unmet([*project["dependencies"], *extras_in_image], image, str(IMAGE_LOCK.relative_to(REPO)))
     problems += [
         f"docker/requirements.lock has {pin.name}=={pin.version}, which {LOCK.name} does not hold with the same hashes"
         for pin in image
         if venv.get((pin.name, pin.version, pin.marker)) != pin.hashes
     ]
     extras = {
-        canonicalize_name(Requirement(r).name) for e in project.get("optional-dependencies", {}).values() for r in e
-    }
+        canonicalize_name(Requirement(r).name)
+        for name, e in project.get("optional-dependencies", {}).items()
+        if name not in IMAGE_EXTRAS
+        for r in e
+    } - {canonicalize_name(Requirement(r).name) for r in extras_in_image}
     problems += [f"docker/requirements.lock installs {pin.name}, an extra's" for pin in image if pin.name in extras]
     assert problems == [], f"{MAKE_LOCK}:\n" + "\n".join(problems)
 
@@ -211,8 +217,9 @@ def test_each_tool_lock_holds_the_pins_of_its_requirements(source: Path):
 
 
 def _rendered_setup_recipes() -> str:
-    """What make runs to build .venv, .venv-lint, .venv-k8s and .venv-lock (-n: prints, runs nothing)."""
+    """What make runs to build .venv, .venv-lint, .venv-k8s, .venv-lock and .venv-mlflow (-n: prints, runs nothing)."""
     stamps = [".venv/.installed", ".venv-lint/.installed", ".venv-k8s/.installed", ".venv-lock/.installed"]
+    stamps.append(".venv-mlflow/.installed")
     result = subprocess.run(
         ["make", "--no-print-directory", "-n", "-B", *stamps], cwd=REPO, capture_output=True, text=True
     )
@@ -221,12 +228,12 @@ def _rendered_setup_recipes() -> str:
 
 
 def test_every_pip_install_checks_hashes():
-    """Make's four venvs and the image: pip reads a lock with --require-hashes, wheels only. The one
+    """Make's five venvs and the image: pip reads a lock with --require-hashes, wheels only. The one
     exception is the project's own editable install, which has no dependencies and no download."""
     installs = [line for line in _rendered_setup_recipes().splitlines() if " install " in line]
     dockerfile = re.sub(r"\\\n", " ", (REPO / "docker" / "Dockerfile").read_text())
     installs += [line for line in dockerfile.splitlines() if re.search(r"pip install", line)]
-    assert len(installs) == 6
+    assert len(installs) == 7
     for line in installs:
         if " -e . " in f"{line} ":
             assert "--no-deps" in line and "--no-build-isolation" in line, line

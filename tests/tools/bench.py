@@ -3,6 +3,7 @@
     python tests/tools/bench.py [--rounds 3] [--data data] [--out docs/PERFORMANCE.md] [KEY=VALUE ...]
     python tests/tools/bench.py --gpu [--data data] [--out docs/PERFORMANCE.md]
     python tests/tools/bench.py --profile [--data data] [KEY=VALUE ...]
+    python tests/tools/bench.py --kernels [--rounds 6]
 
 CPU (`make bench`), four measurements, each in a fresh process, alternating within every
 round so that load from elsewhere on the machine lands on all of them alike:
@@ -19,6 +20,11 @@ tutorial's output and the job's summary.json name the device); a row that fails 
 is marked FAILED in the table, the others are kept. Besides the epoch's samples/s, a job row
 shows its steady speed (the median step) and its warm-up: the seconds the first steps took beyond
 steady ones, which is where speed.compile pays its compilation.
+
+--kernels measures what the CPU-kernel pin costs (job/cpu_kernels.py) apart from everything
+else: CPU seconds per training step of the seed net (batch 64, one thread, tensors already in
+memory), pinned at AVX2 and with the host's own kernels, each in a fresh process, alternating;
+CPU time, not wall time, so other work on a shared machine moves it less.
 
 --profile runs the job itself (1 process, 200 steps) under torch.profiler and prints where
 the time goes, op by op: what docs/PERFORMANCE.md's analysis starts from.
@@ -58,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="the comparison on one CUDA device")
     parser.add_argument("--profile", action="store_true", help="print the job's training step, op by op")
+    parser.add_argument("--kernels", action="store_true", help="CPU time per step: AVX2 pin vs the host's kernels")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: rounds of the four measurements")
     parser.add_argument("--data", default="data", help="directory holding MNIST/raw/")
     parser.add_argument(
@@ -67,6 +74,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.profile:
         return profile(args)
+    if args.kernels:
+        return kernel_cost(args.rounds)
     if args.gpu and not torch.cuda.is_available():
         sys.exit("bench: --gpu needs a CUDA device and torch sees none (check nvidia-smi and the driver)")
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
@@ -141,14 +150,17 @@ CPU_RUNS: dict[str, tuple[str, Callable[[argparse.Namespace, Path], dict]]] = {
     "b": ("job, 1 process", job),
     "c": ("job, 2 ranks x 1 thread", lambda args, work: job(args, work, nproc=2)),
     "d": ("job's data path, no model", data_path),
+    "e": ("job, 1 process, speed.native_cpu_kernels=true", lambda args, work: job(args, work, extra=NATIVE)),
 }
+NATIVE = ("speed.native_cpu_kernels=true",)
+"""(e): the host's own CPU instruction set instead of the AVX2 pin (job/cpu_kernels.py): what the pin costs."""
 
 
 def cpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
     results: dict[str, list[dict]] = {name: [] for name in CPU_RUNS}
     names = list(CPU_RUNS)
     for r in range(args.rounds):
-        for name in names[r % 4 :] + names[: r % 4]:  # a different one goes first each round
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # a different one goes first each round
             label, measure = CPU_RUNS[name]
             result = measure(args, work / f"{name}{r}")
             results[name].append(result)
@@ -161,8 +173,8 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
     def median(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    speed = {n: median(n, "train_samples_per_second") for n in "abc"}
-    accuracy = {n: median(n, "test_accuracy") for n in "abc"}
+    speed = {n: median(n, "train_samples_per_second") for n in "abce"}
+    accuracy = {n: median(n, "test_accuracy") for n in "abce"}
     batches = median("d", "batches_per_second")
     targets = [
         ("(b)/(a): job vs tutorial", speed["b"] / speed["a"], ">= 4", speed["b"] / speed["a"] >= 4),
@@ -178,13 +190,17 @@ def cpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
         "| | run | samples/s | min - max | s/epoch | test accuracy |",
         "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for n in "abc":
+    for n in "abce":
         low, high = (f(r["train_samples_per_second"] for r in results[n]) for f in (min, max))
         lines.append(
             f"| ({n}) | {CPU_RUNS[n][0]} | {speed[n]:,.0f} | {low:,.0f} - {high:,.0f} | {60000 / speed[n]:.1f} "
             f"| {accuracy[n]:.2%} |"
         )
-    lines.append(f"| (d) | {CPU_RUNS['d'][0]} | {64 * batches:,.0f} | | | {batches:,.0f} batches/s |")
+    lines.insert(-1, f"| (d) | {CPU_RUNS['d'][0]} | {64 * batches:,.0f} | | | {batches:,.0f} batches/s |")
+    lines.append(
+        f"\n(e)/(b), the host's own CPU kernels vs the AVX2 pin: {speed['e'] / speed['b']:.2f} "
+        f"(this host's CPU kernels: {torch.backends.cpu.get_cpu_capability()} with the pin off)."
+    )
     lines += ["", "| target | measured | wanted | |", "| --- | ---: | ---: | --- |"]
     lines += [
         f"| {what} | {value:.2f} | {wanted} | {'met' if ok else 'MISSED'} |" for what, value, wanted, ok in targets
@@ -271,6 +287,52 @@ def identical(a: Path, b: Path) -> bool:
 
 
 # --- profile --------------------------------------------------------------------------------------
+
+
+STEP_COST = """
+import json, sys, time
+from job.cpu_kernels import pin_cpu_kernels
+pin_cpu_kernels(native=sys.argv[1] == "native")
+import torch, torch.nn.functional as F
+from job.cpu_kernels import cpu_capability
+from job.model import Net
+torch.set_num_threads(1)
+torch.manual_seed(1)
+net = Net()
+optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+def step():
+    optimizer.zero_grad()
+    F.nll_loss(net(images), labels).backward()
+    optimizer.step()
+for _ in range(20):
+    step()
+start = time.process_time()
+for _ in range(300):
+    step()
+print(json.dumps({"kernels": cpu_capability(), "ms": 1000 * (time.process_time() - start) / 300}))
+"""
+
+
+def kernel_cost(rounds: int) -> int:
+    """--kernels: the median CPU milliseconds per step, pinned and native, over alternating rounds."""
+    ms: dict[str, list[float]] = {"portable": [], "native": []}
+    names: dict[str, str] = {}
+    for r in range(rounds):
+        for mode in ("portable", "native")[:: 1 if r % 2 == 0 else -1]:
+            cmd = [sys.executable, "-c", STEP_COST, mode]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            result = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+            ms[mode].append(result["ms"])
+            names[mode] = result["kernels"]
+            shown = f"{mode} ({result['kernels']}): {result['ms']:.2f} ms CPU per step"
+            print(f"round {r + 1}/{rounds} {shown}", flush=True)
+    pinned, native = (statistics.median(ms[mode]) for mode in ("portable", "native"))
+    print(
+        f"median CPU time per step: {pinned:.2f} ms pinned ({names['portable']}), {native:.2f} ms with the host's "
+        f"kernels ({names['native']}): the pin costs {100 * (pinned / native - 1):.0f}%; {machine(gpu=False)}"
+    )
+    return 0
 
 
 def profile(args: argparse.Namespace) -> int:
