@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 
 from job.config import DataConfig, dump_config, expand_path, load_config, rank_batch_size
@@ -19,6 +20,7 @@ from job.cpu_kernels import pin_cpu_kernels
 from job.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, ConfigError, JobError, PreemptedError
 from job.export import FORMATS
 from job.launcher_watch import stop_when_the_launcher_dies
+from job.process_exit import exit_now, keep_until_exit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,12 +163,14 @@ def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
         return args.func(args)
     except JobError as e:
         exiting()
+        keep_until_exit(e)  # its traceback holds the DDP model: freed here, it could hang the exit
         # Most errors are the same on every rank: the first process on each host says it once.
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
             _say("stopped" if isinstance(e, PreemptedError) else "error", str(e))
         return e.exit_code
-    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one during it
+    except KeyboardInterrupt as e:  # Ctrl-C outside training, or a second one during it
         exiting()
+        keep_until_exit(e)
         if _env_int("LOCAL_RANK") == 0:
             _say("interrupted", "Ctrl-C; run the same command again to resume from the newest checkpoint, if any")
         return EXIT_INTERRUPTED
@@ -186,5 +190,18 @@ def _say(kind: str, message: str) -> None:
     print(f"{tag}{kind}: {message}", file=sys.stderr, flush=True)
 
 
+def _run_and_exit() -> None:
+    """main(), then exit_now with its code on every path, a bug's traceback included."""
+    try:
+        code = main(as_program=True)
+    except SystemExit as e:  # argparse (--help, a usage error) has printed its message
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException as e:  # a bug: its traceback as Python prints it, then the same exit
+        keep_until_exit(e)
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(as_program=True))
+    _run_and_exit()

@@ -42,6 +42,7 @@ from job.hang import flight_recorder_env, hang_report, make_flight_recorder_dir
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
+from job.process_exit import keep_until_exit
 from job.progress import Progress
 from job.provenance import source_commit
 from job.resume import find_resume_source
@@ -443,6 +444,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
     with distributed(cfg.dist, env) as ctx:
+        keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
         check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
         if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
@@ -477,6 +479,13 @@ def run_training(cfg: Config) -> dict[str, Any]:
 def threads_decided_by(ctx: DistContext) -> str:
     """What set this CPU rank's threads: OMP_NUM_THREADS, the cgroup CPU quota or the cores (job/cpu_quota.py)."""
     return threads_per_process(ctx.env.local_world_size)[1]
+
+
+def keep_process_groups(ctx: DistContext) -> None:
+    """The process groups outlive `dist.destroy_process_group()` until the process ends: their
+    destructors can deadlock against gloo's threads (job/process_exit.py)."""
+    keep_until_exit(torch.distributed.group.WORLD)
+    keep_until_exit(ctx)  # and its control group
 
 
 def check_compile_toolchain(device: torch.device) -> None:
@@ -537,6 +546,7 @@ def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:
     model = load_model(checkpoint, dropout=cfg.model.dropout)
     configure_numerics(cfg.deterministic, cfg.speed.tf32)
     with distributed(cfg.dist, env) as ctx:
+        keep_process_groups(ctx)
         setup_logging(ctx.rank, ctx.world_size)
         check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))
         splits = prepare_data(cfg, ctx, splits=("test",))

@@ -524,3 +524,43 @@ def test_a_run_time_failure_on_one_rank_is_a_run_time_failure_on_every_rank(tiny
     codes = [job.wait(timeout=300) for job in ranks]
     assert codes == [EXIT_FAILED, EXIT_FAILED], [(tmp_path / f"rank{r}.log").read_text()[-2000:] for r in (0, 1)]
     assert "No space left on device" in (tmp_path / "rank0.log").read_text()
+
+
+STOP_LOOP = 20
+STOP_BOUND_S = 25
+"""A stop's bound: a rank that hangs at exit is killed by torch's agent 30 s after its SIGTERM
+("Unable to shutdown process ... via 15, forcefully exiting via 9"), so anything under that shows
+a hang; a clean stop takes a few seconds here, however loaded (a liveness bound, not a timing)."""
+
+
+@pytest.mark.processes
+def test_every_rank_exits_promptly_after_each_of_many_stops(tiny_root, tmp_path):
+    """Issue 22 case 2: on torch 2.13.0, 7 of 15 SIGTERM stops hung at exit (the gloo process group's
+    destructor against a gloo thread, for the GIL) and some aborted ("terminate called without an
+    active exception"). Each of STOP_LOOP stops of a 2-rank job must end within STOP_BOUND_S, with
+    exit 75 from every worker, and neither a forced kill nor an abort."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job", "train"]
+    args = tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "checkpoint.every_steps=10", "train.log_interval=1")
+    durations = []
+    for attempt in range(STOP_LOOP):
+        job = start([*launch, *args], log)
+        deadline = time.monotonic() + 240
+        while log.read_text().count("Train Epoch") < 3:  # training, past its first steps
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        try:
+            code = job.wait(timeout=STOP_BOUND_S)
+        except subprocess.TimeoutExpired:
+            for worker in psutil.Process(job.pid).children(recursive=True):
+                worker.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack into the log
+            time.sleep(3)
+            kill_tree(job.pid)
+            pytest.fail(f"stop {attempt + 1} took over {STOP_BOUND_S} s:\n{log.read_text()}")
+        durations.append(time.monotonic() - signalled)
+        output = log.read_text()
+        assert code == EXIT_PREEMPTED, f"stop {attempt + 1}: exit {code}\n{output}"
+        assert "forcefully exiting" not in output and "terminate called" not in output, output
+    print(f"{STOP_LOOP} stops: {min(durations):.1f} to {max(durations):.1f} s each")
