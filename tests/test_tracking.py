@@ -299,6 +299,23 @@ def test_a_run_directory_whose_mlflow_run_the_server_lacks_is_exit_2_and_left_as
 
 
 @pytest.mark.processes
+def test_a_symlinked_mlflow_run_file_is_refused_before_anything_is_read_or_written(
+    mlflow_server, medium_root, tmp_path
+):
+    """mlflow_run.json is one of the run directory's entries (RunDir.written): a link planted there,
+    to another run directory's id, would mirror this run into that MLflow run."""
+    run_dir, outside = tmp_path / "run", tmp_path / "outside.json"
+    run_dir.mkdir()
+    outside.write_text(json.dumps({"run_id": "0" * 32}))
+    (run_dir / "mlflow_run.json").symlink_to(outside)
+    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "symlinked"), env=job_env(), timeout=60)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert_one_line_error(result, f"{run_dir / 'mlflow_run.json'} is a symbolic link")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["mlflow_run.json"]
+    assert mlflow_server.client().get_experiment_by_name("symlinked") is None  # the server was not asked
+
+
+@pytest.mark.processes
 def test_the_job_runs_without_the_mlflow_client_unless_tracking_is_on(medium_root, tmp_path):
     """mlflow is imported only when tracking.mlflow=true; without it installed, that is one line, exit 2."""
     blocker = tmp_path / "site"
