@@ -76,7 +76,7 @@ class RunDir:
         link (job/files.py)."""
         return [
             self.lock, self.config, self.metrics, self.tensorboard, self.checkpoints.path,
-            self.model, self.summary, self.plots,
+            self.model, self.summary, self.plots, self.mlflow_run,
         ]  # fmt: skip
 
     def contents(self) -> list[Path]:

@@ -195,8 +195,7 @@ class Tracking:
     def finish(self) -> None:
         """At the end, once model.pt and summary.json are written: every point left, the results as
         artifacts, and the run marked finished; what could not be sent is said in one line."""
-        self.failed_at = None  # the end always tries
-        self.sync(None)
+        self.sync(None)  # None: tries even within RETRY_AFTER_S of a failure
         if not (self.sent is not None and not self.pending and self._try(self._upload_results)):
             steps = sorted({point.step for point in self.pending})
             what = f"{len(self.pending)} point(s), steps {steps[0]} to {steps[-1]}, and " if steps else ""

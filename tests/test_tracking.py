@@ -8,11 +8,13 @@ the loss logged at every step. Telemetry is off; nothing leaves loopback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -98,18 +100,46 @@ def assert_same_history(client, run, reference) -> None:  # noqa: ANN001
     assert ours == theirs
 
 
-def wait_until_server_has(client, run_dir: Path, step: int, job: subprocess.Popen, log: Path) -> str:  # noqa: ANN001
-    """Until the job's MLflow run holds train/loss at `step` or later (the job still running); its id."""
+def held_until(job: subprocess.Popen, condition: Callable[[], bool], log: Path, what: str) -> list[psutil.Process]:
+    """Let the job (the launcher and its workers) run in slices of 20 ms and look while it is
+    stopped, until `condition()`; returns its processes, still stopped (resume_all lets them go on).
+    However fast the machine, the job is then at most one slice past the moment it became true:
+    it cannot finish before the test has acted."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
+        processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        if condition():
+            return processes
         if job.poll() is not None:
-            pytest.fail(f"the job ended before the server had step {step}:\n{log.read_text()}")
-        if (run_dir / "mlflow_run.json").exists():
-            run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-            if max((m.step for m in client.get_metric_history(run_id, "train/loss")), default=-1) >= step:
-                return run_id
-        time.sleep(0.1)
-    pytest.fail(f"the server had no step {step} within 240 s:\n{log.read_text()}")
+            pytest.fail(f"the job ended before {what}:\n{log.read_text()}")
+        resume_all(processes)
+        time.sleep(0.02)
+    pytest.fail(f"not {what} within 240 s:\n{log.read_text()}")
+
+
+def resume_all(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()
+
+
+def server_has(client, run_dir: Path, step: int) -> Callable[[], bool]:  # noqa: ANN001
+    """Whether the job's MLflow run holds train/loss at `step` or later."""
+
+    def holds() -> bool:
+        if not (run_dir / "mlflow_run.json").exists():
+            return False
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        return max((m.step for m in client.get_metric_history(run_id, "train/loss")), default=-1) >= step
+
+    return holds
+
+
+def run_id_of(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +191,9 @@ def test_a_job_killed_mid_epoch_and_started_again_continues_its_mlflow_run(
     client, run_dir, log = mlflow_server.client(), tmp_path / "run", tmp_path / "log"
     args = train_args(medium_root, run_dir, mlflow_server.uri, "killed")
     job = start([*torchrun(2), *args], log)
-    run_id = wait_until_server_has(client, run_dir, 20, job, log)
-    kill_tree(job.pid)  # the node is gone: launcher and workers at once
+    held_until(job, server_has(client, run_dir, 20), log, "the server had step 20")
+    run_id = run_id_of(run_dir)
+    kill_tree(job.pid)  # the node is gone: launcher and workers at once (held mid-run)
     job.wait()
     sent = max(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert sent < 2 * STEPS_PER_EPOCH, "killed before the end"
@@ -185,8 +216,9 @@ def test_a_job_stopped_by_sigterm_and_started_again_continues_its_mlflow_run(
     args = train_args(medium_root, run_dir, mlflow_server.uri, "stopped")
     launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job"]
     job = start([*launch, *args], log)
-    run_id = wait_until_server_has(client, run_dir, 20, job, log)
-    job.send_signal(signal.SIGTERM)
+    resume_all(held_until(job, server_has(client, run_dir, 20), log, "the server had step 20"))
+    run_id = run_id_of(run_dir)
+    job.send_signal(signal.SIGTERM)  # the ranks stop at their next vote, within 10 steps
     assert job.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()
     assert client.get_run(run_id).info.status == "RUNNING"  # stopped, not finished
 
@@ -204,18 +236,15 @@ def test_a_server_killed_mid_run_and_restarted_gets_every_point_once(spare_serve
     try:
         client, run_dir, log = server.client(), tmp_path / "run", tmp_path / "log"
         job = start([sys.executable, "-m", "job", *train_args(medium_root, run_dir, server.uri, "server-killed")], log)
-        wait_until_server_has(client, run_dir, 20, job, log)
+        held = held_until(job, server_has(client, run_dir, 20), log, "the server had step 20")
         server.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 240
-        while "does not answer" not in log.read_text():  # a checkpoint found it gone; training went on
-            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        job_process = psutil.Process(job.pid)
-        job_process.suspend()  # held while the server starts again, so the job cannot end first
+        resume_all(held)
+        # Held again once a checkpoint found the server gone (training went on), while it starts again.
+        held = held_until(job, lambda: "does not answer" in log.read_text(), log, "the job saw the server gone")
         try:
             server.start()
         finally:
-            job_process.resume()
+            resume_all(held)
         assert job.wait(timeout=300) == 0, log.read_text()
         output = log.read_text()
         assert output.count("does not answer") == 1, output  # one warning, not one per checkpoint
@@ -232,8 +261,9 @@ def test_what_the_end_could_not_send_is_said_and_sent_by_the_next_start(spare_se
         client, run_dir, log = server.client(), tmp_path / "run", tmp_path / "log"
         args = train_args(medium_root, run_dir, server.uri, "end-unsent")
         job = start([sys.executable, "-m", "job", *args], log)
-        wait_until_server_has(client, run_dir, 20, job, log)
+        held = held_until(job, server_has(client, run_dir, 20), log, "the server had step 20")
         server.stop(signal.SIGKILL)
+        resume_all(held)
         assert job.wait(timeout=300) == 0, log.read_text()  # the run finishes without its server
         unsent = [line for line in log.read_text().splitlines() if "did not take" in line]
         assert len(unsent) == 1 and "run the same command again" in unsent[0], log.read_text()
@@ -296,6 +326,23 @@ def test_a_run_directory_whose_mlflow_run_the_server_lacks_is_exit_2_and_left_as
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, "0" * 32, "does not hold", "mlflow_run.json")
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.processes
+def test_a_symlinked_mlflow_run_file_is_refused_before_anything_is_read_or_written(
+    mlflow_server, medium_root, tmp_path
+):
+    """mlflow_run.json is one of the run directory's entries (RunDir.written): a link planted there,
+    to another run directory's id, would mirror this run into that MLflow run."""
+    run_dir, outside = tmp_path / "run", tmp_path / "outside.json"
+    run_dir.mkdir()
+    outside.write_text(json.dumps({"run_id": "0" * 32}))
+    (run_dir / "mlflow_run.json").symlink_to(outside)
+    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "symlinked"), env=job_env(), timeout=60)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert_one_line_error(result, f"{run_dir / 'mlflow_run.json'} is a symbolic link")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["mlflow_run.json"]
+    assert mlflow_server.client().get_experiment_by_name("symlinked") is None  # the server was not asked
 
 
 @pytest.mark.processes
