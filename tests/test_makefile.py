@@ -162,14 +162,6 @@ def test_slurm_submit_passes_nodes_gpus_partition_time_and_the_job_s_arguments()
     assert "job config --world-size $(( 2 * 1 ))" in cpu
 
 
-def test_slurm_targets_without_a_job_say_so_in_one_line():
-    result = subprocess.run(
-        ["make", "--no-print-directory", "slurm-status", "JOB=", "SLURM_JOB="], cwd=REPO, capture_output=True, text=True
-    )
-    assert result.returncode != 0
-    assert "error: no mnist-ddp job of yours in the queue; pass JOB=<id>" in result.stderr
-
-
 def test_predict_without_images_names_the_make_variable():
     result = subprocess.run(["make", "--no-print-directory", "predict"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
