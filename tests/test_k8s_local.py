@@ -251,9 +251,10 @@ def test_a_replacement_pod_waits_for_the_lock_its_frozen_predecessor_holds_and_r
     cannot see instead of exiting 2 (FailJob), and resumes once the old pod is gone.
 
     Pod 1 is killed as well: its torchrun agent is connected to the rendezvous store that the
-    frozen pod hosts, and a TCPStore call to a frozen peer outlives its timeout (torch 2.x: the
-    client polls again after each timeout), so pod 1 would hang until activeDeadlineSeconds (a
-    defect of its own, k8s/README.md). Its replacement meets pod 0's at the new store."""
+    frozen pod hosts, and a TCPStore call to a frozen peer outlives its timeout (torch 2.14.1: a
+    get with a 5 s timeout still blocked after 180 s), so pod 1 would hang until
+    activeDeadlineSeconds (a defect of its own, k8s/README.md). Its replacement meets pod 0's at
+    the new store."""
     leftovers = Leftovers(tmp_path)
     with LocalJob(manifests, host, tmp_path) as job:
         job.start()
