@@ -243,6 +243,23 @@ def test_pod_failure_policy_exit_code_rules(code, action):
     assert failure_action(policy, "trainer", code) == action
 
 
+@pytest.mark.parametrize(
+    ("code", "conditions", "action"),
+    [(None, ("DisruptionTarget",), "Ignore"), (2, ("DisruptionTarget",), "FailJob"), (None, (), "Count")],
+    ids=["failed-by-podgc", "first-rule-first", "no-exit-code-no-condition"],
+)
+def test_pod_failure_policy_condition_rules(code, conditions, action):
+    """A pod of a lost node, failed by the pod garbage collector, has DisruptionTarget and no exit
+    code: only onPodConditions can match it; rules apply in order."""
+    policy = {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+    assert failure_action(policy, "trainer", code, conditions) == action
+
+
 def test_pod_failure_policy_not_in_matches_every_other_exit_code():
     policy = {"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "NotIn", "values": [1, 137]}}]}
     assert failure_action(policy, "trainer", 3) == "FailIndex"

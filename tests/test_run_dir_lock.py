@@ -10,6 +10,7 @@ replaces. Needs root (namespaces, mounts), as make k8s-local-test does.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -34,13 +35,18 @@ pytestmark = pytest.mark.processes
 HOST = "mnist-ddp-0"
 
 
-def on_host(boot_dir: Path, hostname: str, args: list[str], log: Path) -> subprocess.Popen:
+def on_host(
+    boot_dir: Path, hostname: str, args: list[str], log: Path, boot_id: Path | None = None, pid_ns: bool = False
+) -> subprocess.Popen:
     """`python -m job ARGS` on a "host" of its own: a UTS namespace named `hostname`, and a mount
-    namespace whose /proc/sys/kernel/random/boot_id reads a fresh boot id."""
-    boot_id = boot_dir / f"boot-id-{uuid.uuid4()}"
-    boot_id.write_text(f"{uuid.uuid4()}\n")
+    namespace whose /proc/sys/kernel/random/boot_id reads a fresh boot id (or `boot_id`'s: the same
+    kernel); with `pid_ns`, in a PID namespace of its own too (a container), where the job is PID 1."""
+    if boot_id is None:
+        boot_id = boot_dir / f"boot-id-{uuid.uuid4()}"
+        boot_id.write_text(f"{uuid.uuid4()}\n")
     script = f'hostname {hostname} && mount --bind {boot_id} /proc/sys/kernel/random/boot_id && exec "$@"'
-    cmd = ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, "host"]
+    pid = ["--pid", "--fork", "--kill-child", "--mount-proc"] if pid_ns else []
+    cmd = ["unshare", "--uts", "--mount", *pid, "--propagation", "private", "sh", "-c", script, "host"]
     with open(log, "w") as out:
         return subprocess.Popen(
             [*cmd, sys.executable, "-m", "job", *args], cwd=REPO, env=clean_env(), stdout=out, stderr=subprocess.STDOUT
@@ -110,3 +116,32 @@ def test_a_holder_elsewhere_that_never_ends_is_a_run_time_failure_not_bad_input(
     errors = [line for line in output.splitlines() if "error: " in line]
     assert len(errors) == 1 and f"is in use by another job (pid {old.pid} on {HOST} (boot " in errors[0], output
     assert "Traceback" not in output
+
+
+def test_a_container_on_the_same_kernel_whose_pid_the_holder_had_waits_for_it(needs_namespaces, tmp_path):
+    """The same kernel (boot id), another PID namespace: the holder's pid (1, as the replacement's
+    own) names another process here; only its start time tells them apart. The holder is not
+    visible, so it is waited for (not refused as this host's own), and its end lets the run resume."""
+    root = make_tiny_mnist(tmp_path / "data", train=50 * 64)
+    run_dir = tmp_path / "run"
+    args = ["train", *tiny_overrides(root, run_dir, "checkpoint.every_steps=10", "train.log_interval=5")]
+    old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
+    boot_id = tmp_path / "boot-id"
+    boot_id.write_text(f"{uuid.uuid4()}\n")
+    old = on_host(tmp_path, HOST, args, old_log, boot_id=boot_id, pid_ns=True)
+    wait_for(lambda: bool(checkpoint_steps(run_dir)) if (run_dir / "checkpoints").is_dir() else False,
+             "checkpoint", [old], old_log)  # fmt: skip
+    old.send_signal(signal.SIGSTOP)  # unshare; its child, the job, is frozen below
+    for child in Path(f"/proc/{old.pid}/task/{old.pid}/children").read_text().split():
+        os.kill(int(child), signal.SIGSTOP)
+    try:
+        assert (run_dir / ".lock").read_text().startswith(f"pid 1 on {HOST} ")
+        new = on_host(tmp_path, HOST, args, new_log, boot_id=boot_id, pid_ns=True)
+        wait_for(lambda: "waiting up to" in new_log.read_text(), "wait", [new], new_log)
+    finally:
+        old.send_signal(signal.SIGKILL)  # --kill-child: the job goes with it
+        old.wait()
+    assert new.wait(timeout=300) == 0, new_log.read_text()
+    output = new_log.read_text()
+    assert f"locked by another job (pid 1 on {HOST} (boot {boot_id.read_text().strip()}, " in output
+    assert "Resuming from" in output

@@ -20,7 +20,9 @@ One module per stage; each imports only the ones listed before it:
 - network.py (root): a bridge namespace with a veth to each pod's network namespace, and the
   removal of what a crashed run left;
 - controller.py (root): the Job controller: pods started per index, failed ones replaced as the
-  Job controller does, podFailurePolicy, backoff limits, activeDeadlineSeconds.
+  Job controller does, podFailurePolicy, backoff limits, activeDeadlineSeconds; a lost node (its
+  pod frozen, failed with DisruptionTarget as the pod garbage collector does, replaced). Each pod
+  runs as on a node of its own: its own boot id over /proc/sys/kernel/random/boot_id.
 
 Not emulated: the image itself (its files come from this checkout and .venv, its OS from this
 machine's /usr and /etc; `make image-test` runs the real image), the API server, the scheduler,

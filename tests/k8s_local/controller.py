@@ -3,6 +3,7 @@ ones replaced after the back-off, the Job's failure policy and deadline applied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 from .image import Host, ImageConfig
 from .kubelet import hosts_file
 from .manifests import CLUSTER_DOMAIN, Manifests, config_map_data
-from .network import PREFIX, Network, delete_netns, kill_netns_processes, remove_leftovers
+from .network import PREFIX, Network, delete_netns, ip, kill_netns_processes, remove_leftovers
 from .plan import HostDirs, PodPlan, plan_pod
 
 TESTS = Path(__file__).resolve().parents[1]  # where `python -m k8s_local.pod` finds the package
@@ -35,6 +36,8 @@ class Pod:
     log: Path
     process: subprocess.Popen
     exit_code: int | None = None
+    conditions: tuple[str, ...] = ()
+    """Pod conditions of type X with status True (DisruptionTarget), for podFailurePolicy."""
 
 
 class JobFailed(RuntimeError):
@@ -45,8 +48,9 @@ class LocalJob:
     """The Job controller and the kubelet of one node: a pod per pending index (up to
     `parallelism`); a failed pod replaced by a new one of the same index after the back-off, until
     `backoffLimit` (or `backoffLimitPerIndex` and `maxFailedIndexes`); `podFailurePolicy` exit-code
-    rules and `activeDeadlineSeconds` applied. (Pods here never get conditions such as
-    DisruptionTarget, so `onPodConditions` rules never match.)"""
+    rules and `activeDeadlineSeconds` applied. Each pod runs as on a node of its own (a boot id of its
+    own); `lose_node` loses a pod's node with the pod still running on it, the one way a pod here gets
+    the DisruptionTarget condition that `onPodConditions` rules match."""
 
     def __init__(self, manifests: Manifests, host: Host, work: Path) -> None:
         self.manifests = manifests
@@ -57,6 +61,7 @@ class LocalJob:
         self.network = Network(self.prefix)
         self.uid = str(uuid.uuid4())
         self.running: dict[int, Pod] = {}
+        self.lost: list[Pod] = []  # failed by lose_node, their processes frozen, until end_lost
         self.history: list[Pod] = []
         self.succeeded: set[int] = set()
         self.failed_indexes: set[int] = set()
@@ -92,6 +97,8 @@ class LocalJob:
         try:
             for pod in list(self.running.values()):
                 self._delete(pod)
+            for pod in list(self.lost):
+                self.end_lost(pod)
         finally:
             self.network.destroy()
 
@@ -142,7 +149,7 @@ class LocalJob:
 
     def _count_failure(self, pod: Pod) -> None:
         policy = self.spec.get("podFailurePolicy")
-        action = failure_action(policy, self.manifests.container()["name"], pod.exit_code)
+        action = failure_action(policy, self.manifests.container()["name"], pod.exit_code, pod.conditions)
         if action == "Ignore":
             return
         if action == "FailJob":
@@ -200,6 +207,7 @@ class LocalJob:
         etc.mkdir()
         ns = self.manifests.namespace
         (etc / "hosts").touch()  # written by _publish_dns
+        (folder / "boot_id").write_text(f"{uuid.uuid4()}\n")  # the pod's node, booted once
         (etc / "hostname").write_text(plan.hostname + "\n")
         (etc / "resolv.conf").write_text(
             f"search {ns}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\n"
@@ -237,6 +245,30 @@ class LocalJob:
         pod.process.wait()
         return pod
 
+    def lose_node(self, index: int) -> Pod:
+        """Lose index's node with its pod still running there (a network partition, a hung node):
+        every process of the pod is frozen (SIGSTOP), holding what it holds (the run directory's
+        lock), and the pod is marked Failed with the DisruptionTarget condition, as the pod garbage
+        collector does to a pod bound to a node that is gone or tainted out-of-service. The next
+        sync replaces it per podFailurePolicy (the Job's rules Ignore DisruptionTarget), with the
+        same hostname, on another node (another boot id); its processes live on until end_lost."""
+        pod = self.running.pop(index)
+        for pid in [int(pid) for pid in ip("netns", "pids", pod.netns).split()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        pod.conditions = ("DisruptionTarget",)
+        self.lost.append(pod)
+        self._publish_dns()  # cluster DNS drops a failed pod's records
+        self._count_failure(pod)
+        return pod
+
+    def end_lost(self, pod: Pod) -> None:
+        """The lost node reboots (or is fenced): the frozen pod's processes are gone."""
+        delete_netns(pod.netns)  # SIGKILL ends stopped processes too
+        pod.process.wait()
+        pod.exit_code = 128 + signal.SIGKILL
+        self.lost.remove(pod)
+
     def terminate(self, index: int) -> Pod:
         """Delete index's pod gracefully, as a preemption or an eviction does: SIGTERM to the
         container's PID 1, SIGKILL to whatever is left after terminationGracePeriodSeconds."""
@@ -273,11 +305,17 @@ class LocalJob:
         )
 
 
-def failure_action(policy: dict | None, container: str, exit_code: int) -> str:
-    """podFailurePolicy: the action of the first onExitCodes rule that matches, else Count."""
+def failure_action(policy: dict | None, container: str, exit_code: int | None, conditions: tuple[str, ...] = ()) -> str:
+    """podFailurePolicy: the action of the first rule that matches, else Count. onExitCodes needs
+    the container's exit code (none for a pod failed by the pod garbage collector: its container
+    never reported one); onPodConditions matches a condition the pod has with status True."""
     for rule in (policy or {}).get("rules", []):
+        if patterns := rule.get("onPodConditions"):
+            if any(p["type"] in conditions and p.get("status", "True") == "True" for p in patterns):
+                return rule["action"]
+            continue
         codes = rule.get("onExitCodes")
-        if not codes or codes.get("containerName", container) != container:
+        if not codes or exit_code is None or codes.get("containerName", container) != container:
             continue
         if (exit_code in codes["values"]) == (codes["operator"] == "In"):
             return rule["action"]

@@ -15,6 +15,8 @@ from .manifests import ManifestError, Manifests, PodFacts
 
 # containerd/CRI-O give every container a 64 MB /dev/shm unless a volume is mounted there.
 DEFAULT_SHM = "size=64m,mode=1777"
+# The kernel's random UUID per boot: what tells two hosts apart for the run directory's lock.
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 # A pod's root filesystem is built by running these steps in order on an empty tmpfs.
@@ -95,7 +97,8 @@ class HostDirs:
     ReadWriteMany claim is."""
     pod: Path
     """This pod's own: root/ and layers/ (mount points of its root tmpfs and of its overlays' upper
-    layers), emptydirs/<volume>/, etc/ (hosts, hostname, resolv.conf, passwd, group)."""
+    layers), emptydirs/<volume>/, etc/ (hosts, hostname, resolv.conf, passwd, group), boot_id (the
+    kernel boot id of the pod's node, bind-mounted over BOOT_ID)."""
 
 
 def plan_pod(
@@ -128,6 +131,9 @@ def plan_pod(
         layers=str(dirs.pod / "layers"),
         steps=[
             *system_steps(),
+            # Each pod runs as on a node of its own: the kernel's boot id is the pod's (its dirs.pod
+            # file), so a replacement pod and the pod it replaces read as two hosts (RunDirLock).
+            Mount(BOOT_ID, str(dirs.pod / "boot_id"), read_only=True),
             *image_steps(image, host),
             *kubelet_steps(dirs.pod / "etc"),
             *volume_steps(manifests, container, dirs),
