@@ -4,10 +4,10 @@ value it must give. Memory is asserted as a bound on the process's peak RSS, nev
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -26,16 +26,28 @@ PEAK_RSS_LIMIT_MB = 1024
 """What a 40 KB input may make a command use: torch alone takes about 650 MB of it."""
 
 
+# A small process that starts the command and reports its peak RSS. The command cannot be
+# measured as pytest's own child: at exec the kernel records the parent's high-water RSS in the
+# child's (fs/exec.c, setmax_mm_hiwater_rss on the mm vfork shared), so wait4 would report
+# pytest's peak (1,135 MB once the suite had grown) whatever the command used.
+MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float]:
     """`python -m job ARGS`: its exit code, stderr, and peak resident memory in MB (from wait4)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "job", *args], cwd=REPO, env=env or clean_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    stderr = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, stderr, usage.ru_maxrss / 1024
+    with tempfile.NamedTemporaryFile("r") as peak:
+        process = subprocess.run(
+            [sys.executable, "-c", MEASURE, peak.name, sys.executable, "-m", "job", *args], cwd=REPO,
+            env=env or clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        return process.returncode, process.stderr, int(peak.read()) / 1024
 
 
 def one_error_line(stderr: str) -> str:
