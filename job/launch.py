@@ -243,15 +243,21 @@ def _outlive_the_rendezvous_host_by_a_grace() -> None:
 
     @functools.wraps(count)
     def num_nodes_waiting(self):  # noqa: ANN001, ANN202 (torch's private signature)
-        try:
-            waiting = count(self)
-        except RendezvousConnectionError:
-            first = unanswered_since.setdefault(id(self), time.monotonic())
+        # Once the store has failed to answer it is not asked again: its host is gone, and each
+        # further call would block in the client's reconnect loop (a node of test_hosts.py waited
+        # there over 4 minutes with its worker already exited, unreaped).
+        first = unanswered_since.get(id(self))
+        if first is not None:
             if time.monotonic() - first > STORE_HOST_GONE_GRACE_S:
-                raise
+                raise RendezvousConnectionError(
+                    f"the rendezvous store stopped answering {STORE_HOST_GONE_GRACE_S:g} s ago: its host is gone"
+                )
             return 0
-        unanswered_since.pop(id(self), None)
-        return waiting
+        try:
+            return count(self)
+        except RendezvousConnectionError:
+            unanswered_since[id(self)] = time.monotonic()
+            return 0
 
     DynamicRendezvousHandler.num_nodes_waiting = num_nodes_waiting
 
