@@ -24,7 +24,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")
+LAUNCH_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS",
+    # A process group started in pytest's own process (a single-process run: job.loopback) sets
+    # these in os.environ; inherited, they would bind a multi-host test's gloo to loopback.
+    "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+)  # fmt: skip
 # The Makefile's K8S_VENV (kubectl, the schema validator, the Kubeflow models) and LINT_VENV (checkov).
 K8S_BIN = REPO / ".venv-k8s" / "bin"
 LINT_BIN = REPO / ".venv-lint" / "bin"
