@@ -153,8 +153,10 @@ def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medi
     killer taking the agent) leaves the workers, each in a session of its own, without a parent.
     They stop as if preempted: a checkpoint, exit 75; the same command again resumes there."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
+    # 10 epochs (500 steps): the workers cannot finish before their watch notices (1 s) on a fast machine.
+    longer = "train.epochs=10"
     with adopting_orphans():
-        job = start([*LAUNCHERS[launcher], *train_args(medium_root, run_dir)], log)
+        job = start([*LAUNCHERS[launcher], *train_args(medium_root, run_dir, longer)], log)
         wait_for_checkpoint(run_dir, 20, [job], log)
         workers = [p.pid for p in psutil.Process(job.pid).children(recursive=True) if "job" in p.cmdline()]
         assert len(workers) == 2, psutil.Process(job.pid).children(recursive=True)
@@ -173,11 +175,16 @@ def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medi
     assert checkpoint(run_dir, step).is_file()
 
     again = subprocess.run(
-        [*LAUNCHERS[launcher], *train_args(medium_root, run_dir)], env=clean_env(), capture_output=True, text=True
+        [*LAUNCHERS[launcher], *train_args(medium_root, run_dir, longer)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
     )
     assert_ok(again)
     assert resumed_step(again.stdout + again.stderr) == step
-    assert_same_weights(run_dir, reference[2])
+    straight = tmp_path / "straight"
+    assert_ok(run_job(train_args(medium_root, straight, longer), nproc=2))
+    assert_same_weights(run_dir, straight)
 
 
 @pytest.mark.processes
