@@ -7,6 +7,7 @@ import it too; it imports nothing from the tests, the probes or the tools.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -203,6 +205,20 @@ def weights_digest(run_dir: Path) -> str:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str = "1m") -> Iterator[Path]:
+    """`path` (created) with a tmpfs of `size` mounted on it for the block (root; skip where it
+    cannot be mounted): a small volume a test fills to make writes fail with ENOSPC."""
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"root cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def snapshot(directory: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ from helpers import (
     checkpoint_steps,
     clean_env,
     make_tiny_mnist,
+    mounted_tmpfs,
     run_job,
     tiny_overrides,
     write_random_model,
@@ -154,12 +155,7 @@ def test_every_input_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_r
 @pytest.fixture
 def full_tmpfs(tmp_path):
     """A 1 MiB tmpfs (root) filled to the last byte."""
-    path = tmp_path / "full"
-    path.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"root cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "full") as path:
         with open(path / "filler", "wb", buffering=0) as filler:
             try:
                 while True:
@@ -167,8 +163,6 @@ def full_tmpfs(tmp_path):
             except OSError:
                 pass
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_volume_full_at_start_is_one_line_that_says_free_space(tiny_root, full_tmpfs):

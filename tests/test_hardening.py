@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, assert_one_line_error, clean_env, run_job, tiny_overrides, write_random_model
+from helpers import REPO, assert_one_line_error, clean_env, mounted_tmpfs, run_job, tiny_overrides, write_random_model
 from PIL import Image
 
 from job.config import load_config
@@ -205,17 +205,10 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoin
 @pytest.fixture
 def nearly_full_dir(tmp_path):
     """A 1 MiB tmpfs (root) with a few KB left: the run's first writes fit, its metrics do not."""
-    path = tmp_path / "small"
-    path.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)], capture_output=True)
-    if mount.returncode != 0:
-        pytest.skip(f"root cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small") as path:
         with open(path / "filler", "wb") as filler:
             filler.write(bytes(1024 * 1024 - 24 * 1024))
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_a_full_disk_while_logging_metrics_is_one_line(tiny_root, nearly_full_dir):
