@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
         # Most errors are the same on every rank: the first process on each host says it once.
         if not e.quiet and (e.rank_specific or _env_int("LOCAL_RANK") == 0):
             _say("stopped" if isinstance(e, PreemptedError) else "error", str(e))
+        elif not e.quiet and e.exit_code == EXIT_BAD_INPUT:
+            _wait_for_the_rank_that_says_it()
         return e.exit_code
     except KeyboardInterrupt as e:  # Ctrl-C outside training, or a second one during it
         exiting()
@@ -176,6 +178,25 @@ def main(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
         return EXIT_INTERRUPTED
     finally:
         exiting()
+
+
+SPEAKER_WAIT_S = 10.0
+
+
+def _wait_for_the_rank_that_says_it() -> None:
+    """A silent rank of bad input that every rank sees waits, up to SPEAKER_WAIT_S, for its host's
+    first process to print the line and exit: the launcher then stops this rank with SIGTERM.
+
+    Exiting at once (os._exit takes milliseconds) let the launcher see a silent rank fail first and
+    SIGTERM local rank 0 before its print: a 3-rank torchrun run with an uneven global batch ended
+    with exit 2 and no line at all, in CI and here 1 run in 1. SIGTERM is blocked and awaited, so
+    this rank still exits with 2, not by the signal. Costs nothing when local rank 0 exits (the
+    launcher's SIGTERM follows within its monitor interval); the bound keeps "within seconds"
+    when it never does."""
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigtimedwait({signal.SIGTERM}, SPEAKER_WAIT_S)
 
 
 def _ignore_ctrl_c() -> None:
