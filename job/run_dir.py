@@ -1,4 +1,4 @@
-"""The run directory's contract: every file a run writes there, named once (README: "The run directory").
+"""The run directory's contract: every file a run writes there, named once (docs/RUN-DIRECTORY.md).
 
 Training (rank 0 only) writes config.yaml, metrics.jsonl, tb/, checkpoints/ (and mlflow_run.json
 when tracking), then model.pt and summary.json at the end; `python -m job plot` writes plots/.
