@@ -11,7 +11,7 @@ from torch import nn
 
 from job.checkpoint import model_state_of
 from job.errors import BadInputError, message_line
-from job.safe_io import load_weights
+from job.safe_load import load_weights
 
 
 class Net(nn.Module):

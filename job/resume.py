@@ -21,7 +21,7 @@ from job.errors import BadInputError, ConfigError, NewerFileError
 from job.files import not_a_regular_file, read_regular
 from job.model import state_shapes
 from job.run_dir import RunDir
-from job.safe_io import loads_weights_only, read_weights_file
+from job.safe_load import loads_weights_only, read_weights_file
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,8 @@ from job.progress import Progress
 from job.provenance import source_commit
 from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
-from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
+from job.safe_io import atomic_save, atomic_write_json, atomic_write_text
+from job.safe_load import loads_weights_only
 from job.same_run import check_same_run, run_identity
 from job.seeding import (
     bit_environment,

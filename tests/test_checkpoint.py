@@ -9,7 +9,8 @@ import torch
 
 from job.checkpoint import CheckpointDir, model_state_of
 from job.errors import JobError
-from job.safe_io import atomic_save, atomic_write_text, load_weights_only, loads_weights_only
+from job.safe_io import atomic_save, atomic_write_text
+from job.safe_load import load_weights_only, loads_weights_only
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):
