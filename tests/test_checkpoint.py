@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-from job.checkpoint import CheckpointDir, model_state_of
+from job.checkpoint import CheckpointDir
 from job.errors import JobError
+from job.model import model_state_of
 from job.safe_io import atomic_save, atomic_write_text
 from job.safe_load import load_weights_only, loads_weights_only
 
