@@ -6,13 +6,15 @@ can be resumed, reading it (once per process), writing it, and what a resume cha
 state (state_dict/load_state_dict) and knows nothing of the file. The walk of a resume:
 
     Checkpoints.choose_start    rank 0, before the data step: the newest valid checkpoint of the
-                                run directory, or train.resume's file, read once (safe_load),
+                                run directory, or train.resume's file, read once (job/untrusted.py),
                                 unpickled once, checked (check_fields, then the recipe and
                                 train.epochs); the state is kept
     Checkpoints.load_start      rank 0 sends the file's bytes; the other ranks unpickle them once;
                                 rank 0 hands on the state it kept
     Checkpoints.resume          the data it trained on, Trainer.load_state_dict, every rank's RNG
                                 streams, and what else changed (world size, bit_environment)
+    Checkpoints.save            every rank's RNG streams gathered, Trainer.state_dict on rank 0,
+                                written atomically (job/safe_io.py), the newest checkpoint.keep kept
 
 A checkpoint is one flat dict, written with torch.save and read with
 `torch.load(weights_only=True)` (tensors and plain containers only):
@@ -28,7 +30,8 @@ A checkpoint is one flat dict, written with torch.save and read with
     environment       what the bits depend on besides the config (seeding.bit_environment);
                       absent from checkpoints written before it was recorded
 
-Files are `checkpoints/step-<global step, 9 digits>.pt`; the highest step is the newest.
+Files are `checkpoints/step-<global step, 9 digits>.pt`, the highest step the newest (job/run_dir.py:
+CheckpointDir names, lists, writes and prunes them).
 """
 
 from __future__ import annotations
@@ -37,27 +40,23 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from job.config import Config, get_dotted, show
 from job.dist import DistContext, broadcast_bytes, gather_to_leader, on_some_ranks
-from job.errors import BadInputError, ConfigError, NewerFileError, RunFailedError, message_line
-from job.files import not_a_regular_file, read_regular, write_fix
+from job.errors import BadInputError, ConfigError, NewerFileError
+from job.files import not_a_regular_file, read_regular
 from job.model import state_shapes
 from job.progress import FIELDS as PROGRESS_FIELDS
-from job.safe_io import atomic_save
-from job.safe_load import loads_weights_only, read_weights_file
+from job.progress import Progress
+from job.run_dir import RunDir
 from job.seeding import bit_environment, reseed_rank_streams_after_resize, restore_rng_state, rng_state
-
-if TYPE_CHECKING:  # run_dir.py imports CheckpointDir from here: RunDir only as a type
-    from job.run_dir import RunDir
-    from job.train import Trainer
+from job.untrusted import loads_weights_only, read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -183,54 +182,15 @@ def _misfit(state: dict[str, Any], model_shapes: dict[str, tuple[int, ...]]) -> 
     return None
 
 
-class CheckpointDir:
-    """A run's checkpoints/: `step-<global step>.pt` files, the highest step the newest.
+class Resumable(Protocol):
+    """What Checkpoints.resume needs of a trainer (job/train.py's Trainer): where it stands, its
+    epoch's length in steps, the training data (its size) and a way to take back its plain state."""
 
-    Only rank 0 writes here. A new checkpoint is complete on disk before the oldest
-    beyond `keep` is deleted, so a crash at any moment leaves at least one whole one.
-    """
+    progress: Progress
+    num_batches: int
+    train_split: Sized
 
-    _NAME = re.compile(r"^step-(\d{9})\.pt$")
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def path_for(self, step: int) -> Path:
-        return self.path / f"step-{step:09d}.pt"
-
-    @classmethod
-    def step_of(cls, path: Path) -> int | None:
-        """The global step a checkpoint file was written after; None for a file that is not one."""
-        match = cls._NAME.match(Path(path).name)
-        return int(match.group(1)) if match else None
-
-    def files(self) -> list[Path]:
-        """Checkpoint files, oldest first (other files are not ours and are left alone)."""
-        if not self.path.is_dir():
-            return []
-        steps = [(step, p) for p in self.path.iterdir() if (step := self.step_of(p)) is not None]
-        return [p for _, p in sorted(steps)]
-
-    def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
-        """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`.
-        RunFailedError when the disk refuses the write (the previous checkpoints stay)."""
-        path = self.path_for(step)
-        try:
-            atomic_save(state, path)
-        except OSError as e:
-            raise RunFailedError(
-                f"cannot write checkpoint {path} ({e.strerror or message_line(e)}); the previous checkpoints are "
-                f"intact: {write_fix(e)} (or lower checkpoint.keep) and start the job again to resume"
-            ) from None
-        for old in self.files()[:-keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def remove_partial_writes(self) -> None:
-        """Temporary files of a writer that died mid-write (never a checkpoint anyone reads)."""
-        if self.path.is_dir():
-            for tmp in self.path.glob(".step-*.tmp"):
-                tmp.unlink(missing_ok=True)
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -339,7 +299,7 @@ class Checkpoints:
 
     # --- resuming -------------------------------------------------------------------------------
 
-    def resume(self, trainer: Trainer, loaded: Loaded) -> None:
+    def resume(self, trainer: Resumable, loaded: Loaded) -> None:
         """Continue `trainer` from `loaded`, on every rank: the data must be what it trained on
         (ConfigError otherwise); each rank takes back its own RNG streams, or new ones at another
         world size; rank 0 warns of what else the bits depend on that changed."""

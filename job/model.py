@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from job.errors import BadInputError, message_line
-from job.safe_load import load_weights
+from job.untrusted import load_weights
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes a wrapper adds to a state dict it saves: DistributedDataParallel/DataParallel

@@ -1,4 +1,4 @@
-"""Files that must never be half-written (reading untrusted files: job/safe_load.py).
+"""Files that must never be half-written (reading untrusted files: job/untrusted.py).
 
 A reader sees either the previous file or the complete new one: bytes go to a temporary
 file in the same directory, are fsynced, then renamed over the target (rename is atomic
