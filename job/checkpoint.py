@@ -303,7 +303,7 @@ class Checkpoints:
         """Continue `trainer` from `loaded`, on every rank: the data must be what it trained on
         (ConfigError otherwise); each rank takes back its own RNG streams, or new ones at another
         world size; rank 0 warns of what else the bits depend on that changed."""
-        state, name, ctx = loaded.state, loaded.name, self.ctx
+        state, name = loaded.state, loaded.name
         if state["train_samples"] != len(trainer.train_split):
             raise ConfigError(
                 f"cannot resume from {name}: it trained on {state['train_samples']} samples but the data now has "
@@ -313,22 +313,28 @@ class Checkpoints:
         trainer.load_state_dict({"model": state["model"], "optimizer": state["optimizer"], "progress": progress})
         trainer.progress.resumes += 1
         self.resumed_from = (name, state["world_size"])
-        if state["world_size"] == ctx.world_size:
-            restore_rng_state(state["rng"][ctx.rank], ctx.device)
-        else:
-            reseed_rank_streams_after_resize(self.cfg.seed, ctx.rank, trainer.progress.global_step)
-            if ctx.is_leader:
-                log.warning(
-                    f"resuming a {state['world_size']}-rank checkpoint on {ctx.world_size} ranks: the rest of "
-                    "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
-                    "weights will not equal an uninterrupted run's bit for bit"
-                )
+        self._take_back_rng_streams(state["rng"], state["world_size"], trainer.progress.global_step)
         self._warn_of_environment_changes(state.get("environment", {}))
         done = trainer.progress
         if done.epochs_done < self.cfg.train.epochs:  # else Trainer.fit() says the run is complete
             log.info(
                 f"Resuming from {name}: epoch {done.epochs_done + 1}, batch {done.batches_done}/"
                 f"{trainer.num_batches}, step {done.global_step}"
+            )
+
+    def _take_back_rng_streams(self, rng: list[Any], world_size: int, global_step: int) -> None:
+        """This rank's generator states from a checkpoint of `world_size` ranks; at another world
+        size, where old streams cannot map one-to-one onto the new ranks, new ones (rank 0 warns)."""
+        ctx = self.ctx
+        if world_size == ctx.world_size:
+            restore_rng_state(rng[ctx.rank], ctx.device)
+            return
+        reseed_rank_streams_after_resize(self.cfg.seed, ctx.rank, global_step)
+        if ctx.is_leader:
+            log.warning(
+                f"resuming a {world_size}-rank checkpoint on {ctx.world_size} ranks: the rest of "
+                "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
+                "weights will not equal an uninterrupted run's bit for bit"
             )
 
     def _warn_of_environment_changes(self, then: dict[str, Any]) -> None:
