@@ -47,11 +47,12 @@ from typing import Any, Protocol
 
 import torch
 
+from job.collectives import broadcast_bytes, gather_to_leader, on_some_ranks
 from job.config import Config, get_dotted, show
-from job.dist import DistContext, broadcast_bytes, gather_to_leader, on_some_ranks
 from job.errors import BadInputError, ConfigError, NewerFileError
 from job.files import not_a_regular_file, read_regular
 from job.model import state_shapes
+from job.process_group import DistContext
 from job.progress import FIELDS as PROGRESS_FIELDS
 from job.progress import Progress
 from job.run_dir import RunDir

@@ -20,8 +20,8 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from job.dist import DistContext
 from job.errors import PreemptedError
+from job.process_group import DistContext
 
 log = logging.getLogger(__name__)
 

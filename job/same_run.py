@@ -19,8 +19,8 @@ from typing import Any
 import torch.distributed as dist
 
 from job.config import PATH_KEYS, Config, config_to_dict, show
-from job.dist import DistContext
 from job.errors import ConfigError
+from job.process_group import DistContext
 
 PER_HOST_KEYS = PATH_KEYS
 """Config keys that may differ between nodes: paths name a place on each host's own file system.

@@ -23,27 +23,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import data
 from job.checkpoint import Checkpoints
+from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
 from job.cpu_quota import threads_per_process
 from job.device import compile_toolchain_missing, quiet_compiler
-from job.dist import (
-    DistContext,
-    all_reduce_sum,
-    distributed,
-    mean_in_rank_order,
-    on_some_ranks,
-    peer_lost_error,
-    read_launch_env,
-)
 from job.errors import BadInputError, ConfigError, PreemptedError, RunFailedError, message_line
 from job.files import write_fix
 from job.hang import flight_recorder_env, hang_report, make_flight_recorder_dir
+from job.launch_env import read_launch_env
 from job.metrics import Metrics, NullMetrics, digit_grid
 from job.model import Net, load_model
+from job.peer_lost import peer_lost_error
 from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.process_exit import keep_until_exit
+from job.process_group import DistContext, distributed
 from job.progress import Progress
 from job.provenance import source_commit
 from job.run_dir import RunDir, RunDirLock

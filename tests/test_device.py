@@ -16,7 +16,7 @@ from helpers import assert_one_line_error, run_job, tiny_overrides
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from job import device as device_module
-from job import dist as dist_module
+from job import process_group
 from job.checkpoint import to_cpu
 from job.config import DistConfig
 from job.device import choose_backend_and_device, compile_toolchain_missing, cuda_unavailable_reason
@@ -148,10 +148,10 @@ def test_a_cpu_state_saved_loads_without_map_location():
 
 def test_the_side_group_waits_dist_timeout_s_not_torchs_30_minutes(monkeypatch):
     made = {}
-    monkeypatch.setattr(dist_module.dist, "new_group", lambda **kwargs: made.update(kwargs) or "group")
-    assert dist_module.control_group("nccl", timedelta(seconds=42)) == "group"
+    monkeypatch.setattr(process_group.dist, "new_group", lambda **kwargs: made.update(kwargs) or "group")
+    assert process_group.control_group("nccl", timedelta(seconds=42)) == "group"
     assert made == {"backend": "gloo", "timeout": timedelta(seconds=42)}
-    assert dist_module.control_group("gloo", timedelta(seconds=42)) is None
+    assert process_group.control_group("gloo", timedelta(seconds=42)) is None
 
 
 def test_tf32_is_off_unless_asked_for():

@@ -295,7 +295,7 @@ def test_uneven_training_shards_are_announced_once(w2_run, tiny_root, tmp_path):
 
 
 def test_threads_default_to_cores_per_local_process():
-    from job.dist import LaunchEnv, cpu_threads_per_process
+    from job.launch_env import LaunchEnv, cpu_threads_per_process
 
     env = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, launcher="torchrun")
     cores = len(os.sched_getaffinity(0))

@@ -506,13 +506,13 @@ def test_a_hang_report_names_the_step_or_the_phase():
     ],
 )  # fmt: skip
 def test_gloo_failures_seen_here_read_as_a_lost_peer(message, kind):
-    from job.dist import peer_lost_error
+    from job.peer_lost import peer_lost_error
 
     assert kind in str(peer_lost_error(RuntimeError(message), timeout_s=5))
 
 
 def test_other_runtime_errors_keep_their_traceback():
-    from job.dist import peer_lost_error
+    from job.peer_lost import peer_lost_error
 
     assert peer_lost_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), timeout_s=5) is None
 

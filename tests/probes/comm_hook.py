@@ -1,5 +1,5 @@
 """Run under torchrun (gloo). Each rank runs one backward pass of the net on its own batch
-through DDP with job.dist.mean_in_rank_order, and checks the gradients bit for bit
+through DDP with job.collectives.mean_in_rank_order, and checks the gradients bit for bit
 against the mean computed by hand (every rank's gradients over W, summed in rank order)
 and, at 2 ranks, against DDP's own all-reduce. Exits 1 on the first difference.
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from job.dist import mean_in_rank_order
+from job.collectives import mean_in_rank_order
 from job.model import Net
 from job.process_exit import exit_now, keep_until_exit
 

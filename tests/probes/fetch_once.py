@@ -12,7 +12,8 @@ from helpers import make_tiny_mnist  # noqa: E402
 
 from job import data  # noqa: E402
 from job.config import load_config  # noqa: E402
-from job.dist import distributed, read_launch_env  # noqa: E402
+from job.launch_env import read_launch_env  # noqa: E402
+from job.process_group import distributed  # noqa: E402
 from job.train import prepare_data  # noqa: E402
 
 root = Path(sys.argv[1])

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from job.checkpoint import Checkpoints
 from job.config import Config
 from job.data import Split
-from job.dist import distributed, read_launch_env
+from job.launch_env import read_launch_env
+from job.process_group import distributed
 from job.run_dir import RunDir
 from job.train import Trainer
 
