@@ -86,7 +86,7 @@ def figure_digits(labels: torch.Tensor, predictions: torch.Tensor, count: int) -
     return torch.cat([wrong, right])[:count]
 
 
-def digit_grid(images: torch.Tensor, labels: list[int], predictions: list[int]) -> Figure:
+def digits_figure(images: torch.Tensor, labels: list[int], predictions: list[int]) -> Figure:
     """The seed's figure: each digit titled with its ground truth, and the model's prediction (red if wrong)."""
     fig = Figure(figsize=(1.6 * GRID_COLS, 1.9 * GRID_ROWS), dpi=DPI)
     for i, (image, label, pred) in enumerate(zip(images, labels, predictions, strict=True)):
@@ -176,7 +176,7 @@ def run_plot(run_dir: str | Path, data_root: str | None = None) -> list[Path]:
 
     shown = figure_digits(test.labels, predictions, GRID_ROWS * GRID_COLS)
     figures = {
-        "digits.png": digit_grid(
+        "digits.png": digits_figure(
             data.denormalize(test.images[shown]), test.labels[shown].tolist(), predictions[shown].tolist()
         ),
         "training_curve.png": curve,
