@@ -2,7 +2,8 @@
 
 Training (rank 0 only) writes config.yaml, metrics.jsonl, tb/, checkpoints/ (and mlflow_run.json
 when tracking), then model.pt and summary.json at the end; `python -m job plot` writes plots/.
-The job, the tools and the tests all find these files through RunDir.
+The job, the tools and the tests all find these files through RunDir; one test spells the names
+as users read them (tests/README.md), so renaming one here is a change users see.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ import psutil
 import pytest
 import torch
 
+from job.run_dir import RunDir
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LAUNCH_VARS = (
@@ -92,7 +94,7 @@ def write_random_model(folder: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     state = Net().state_dict()
-    torch.save(state, folder / "model.pt")
+    torch.save(state, RunDir(folder).model)
     torch.save({"model": state, "optimizer": {}, "epochs_done": 1}, folder / "step-000000938.pt")
     return folder
 
@@ -180,20 +182,21 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return json.loads(RunDir(run_dir).summary.read_text())
 
 
 def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:09d}.pt"
+    return RunDir(run_dir).checkpoints.path_for(step)
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """The steps of the checkpoints in `run_dir` now (unordered; none yet: [])."""
-    return [int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt")]
+    checkpoints = RunDir(run_dir).checkpoints
+    return [checkpoints.step_of(p) for p in checkpoints.files()]
 
 
 def assert_same_weights(run_dir: Path, reference: Path) -> None:
-    ours, theirs = load_state(run_dir / "model.pt"), load_state(reference / "model.pt")
+    ours, theirs = load_state(RunDir(run_dir).model), load_state(RunDir(reference).model)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the uninterrupted run"
 
 
@@ -201,7 +204,7 @@ def weights_digest(run_dir: Path) -> str:
     """sha256 over model.pt's tensors (names, shapes, bytes) in name order: the bits of a run's
     weights, independent of how torch.save lays out its zip."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(load_state(run_dir / "model.pt").items()):
+    for name, tensor in sorted(load_state(RunDir(run_dir).model).items()):
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -313,7 +316,7 @@ def metrics_history(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from job.tracking import METRICS
 
     history: dict[str, list[tuple[int, float]]] = {key: [] for fields in METRICS.values() for key in fields.values()}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    for line in RunDir(run_dir).metrics.read_text().splitlines():
         event = json.loads(line)
         for field, key in METRICS.get(event["event"], {}).items():
             history[key].append((event["step"], float(event[field])))

@@ -24,6 +24,7 @@ from helpers import (
 )
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from job.run_dir import RunDir
 from job.untrusted import load_weights_only
 
 pytestmark = pytest.mark.processes
@@ -130,7 +131,10 @@ def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_ones(tiny_root
     line = assert_one_line_error(result, f"cannot write checkpoint {checkpoint(run_dir, 8)} (No space left on device)")
     assert "the previous checkpoints are intact" in line
     assert result.returncode == EXIT_FAILED
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000003.pt", "step-000000006.pt"]
+    assert sorted(p.name for p in RunDir(run_dir).checkpoints.path.iterdir()) == [
+        "step-000000003.pt",
+        "step-000000006.pt",
+    ]
     assert load_weights_only(checkpoint(run_dir, 6))["global_step"] == 6
 
     # Space freed: the same command resumes and ends as if nothing had happened.

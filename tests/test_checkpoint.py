@@ -9,7 +9,7 @@ import torch
 
 from job.errors import JobError
 from job.model import model_state_of
-from job.run_dir import CheckpointDir
+from job.run_dir import CheckpointDir, RunDir
 from job.safe_io import atomic_save, atomic_write_text
 from job.untrusted import load_weights_only, loads_weights_only
 
@@ -30,7 +30,7 @@ def _umask() -> int:
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "model.pt"
+    path = RunDir(tmp_path).model
     atomic_save({"w": torch.ones(2)}, path)
 
     def crash(src, dst):

@@ -11,6 +11,7 @@ from helpers import REPO, assert_one_line_error, run_job
 
 from job.config import DEFAULT_CONFIG, Config, config_from_dict, config_to_dict, dump_config, load_config
 from job.errors import ConfigError
+from job.run_dir import RunDir
 
 
 def test_defaults_are_the_seed_recipe():
@@ -301,7 +302,7 @@ def test_exponent_numbers_in_a_config_file_and_a_runs_config_yaml(tmp_path):
     path.write_text("optim:\n  lr: 5e-3\ndata:\n  train_limit: 1e4\n")
     cfg = load_config(path)
     assert (cfg.optim.lr, cfg.data.train_limit) == (0.005, 10_000)
-    resolved = tmp_path / "config.yaml"  # what a run directory holds, read again by plot
+    resolved = RunDir(tmp_path).config  # what a run directory holds, read again by plot
     resolved.write_text(dump_config(load_config(overrides=["optim.lr=1e-5"])))
     assert load_config(resolved).optim.lr == 1e-5
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import (
+    REPO,
     TINY_TEST,
     TINY_TRAIN,
     assert_ok,
@@ -24,6 +27,7 @@ from helpers import (
 )
 
 from job.model import Net
+from job.run_dir import RunDir
 from job.seeding import seed_parameter_init
 
 
@@ -39,8 +43,9 @@ def w2_run(tiny_root, tmp_path_factory):
 @pytest.mark.processes
 def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     run_dir, _ = w2_run
+    # The contract's names, spelled here as users read them (README); every other test takes them from RunDir.
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
-    assert len(list((run_dir / "tb").iterdir())) == 1, "only rank 0 writes TensorBoard events"
+    assert len(list(RunDir(run_dir).tensorboard.iterdir())) == 1, "only rank 0 writes TensorBoard events"
     summary = read_summary(run_dir)
     for key in ("test_accuracy", "test_loss", "world_size", "epochs", "global_step", "train_seconds"):
         assert key in summary
@@ -50,9 +55,9 @@ def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     assert summary["train_samples_per_second"] > 0
     assert summary["test_accuracy"] > 0.5, "generated digits are easy: training must have learned"
 
-    state = load_state(run_dir / "model.pt")
+    state = load_state(RunDir(run_dir).model)
     assert set(state) == set(Net().state_dict()), "model.pt is the plain model's state_dict (no 'module.')"
-    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(RunDir(run_dir).checkpoints.path.iterdir())
     assert [p.name for p in checkpoints] == ["step-000000008.pt", "step-000000016.pt"], "one per epoch end"
     last = torch.load(checkpoints[-1], weights_only=True)
     assert (last["epochs_done"], last["batches_done"]) == (2, 0)
@@ -62,14 +67,29 @@ def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
 
     import yaml
 
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    resolved = yaml.safe_load(RunDir(run_dir).config.read_text())
     assert resolved["run"]["dir"] == str(run_dir) and resolved["seed"] == 1
+
+
+def test_tests_probes_and_tools_take_run_directory_names_from_run_dir():
+    """job/run_dir.py names every file of a run directory once (RunDir); the test above spells the
+    contract's names as users read them. Anywhere else in tests/, a path joined with one of those
+    names by `/` is a second spelling that a rename would leave behind."""
+    names = "|".join(re.escape(p.name) for p in RunDir(Path("run")).written())
+    joined = re.compile(rf"""/\s*["']({names})["']""")
+    spelled = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "tests").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if joined.search(line)
+    ]
+    assert not spelled, "join run-directory names through job.run_dir.RunDir:\n" + "\n".join(spelled)
 
 
 @pytest.mark.processes
 def test_metrics_and_tensorboard_hold_every_figure(w2_run):
     run_dir, _ = w2_run
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("test") == 2 and kinds.count("train_epoch") == 2 and "train" in kinds
     first_train = next(e for e in events if e["event"] == "train")
@@ -78,7 +98,7 @@ def test_metrics_and_tensorboard_hold_every_figure(w2_run):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    acc = EventAccumulator(str(RunDir(run_dir).tensorboard), size_guidance={"images": 0}).Reload()
     assert set(acc.Tags()["scalars"]) >= {
         "train/loss",
         "train/lr",
@@ -107,7 +127,7 @@ def test_two_runs_give_bit_identical_weights(w2_run, tiny_root, tmp_path):
     first_dir, _ = w2_run
     second_dir = tmp_path / "again"
     assert_ok(run_job(["train", *tiny_overrides(tiny_root, second_dir, "train.log_interval=2")], nproc=2))
-    first, second = load_state(first_dir / "model.pt"), load_state(second_dir / "model.pt")
+    first, second = load_state(RunDir(first_dir).model), load_state(RunDir(second_dir).model)
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
@@ -167,7 +187,7 @@ def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
     for nproc in (1, 2):
         run_dir = tmp_path / f"w{nproc}"
         assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, "model.dropout=0")], nproc=nproc))
-        states[nproc] = load_state(run_dir / "model.pt")
+        states[nproc] = load_state(RunDir(run_dir).model)
         assert read_summary(run_dir)["global_step"] == 2 * -(-TINY_TRAIN // 64)
     seed_parameter_init(1)
     init = Net().state_dict()
@@ -180,7 +200,7 @@ def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
 def test_evaluation_at_three_ranks_equals_one_rank_exactly(w2_run, tiny_root, tmp_path):
     """203 test samples over 3 ranks: padded shards would count 204 and change the accuracy."""
     run_dir, _ = w2_run
-    args = ["evaluate", "--checkpoint", str(run_dir / "model.pt"), *tiny_overrides(tiny_root, tmp_path / "unused")]
+    args = ["evaluate", "--checkpoint", str(RunDir(run_dir).model), *tiny_overrides(tiny_root, tmp_path / "unused")]
     outputs = {}
     for nproc in (None, 3):
         result = run_job(args, nproc=nproc)
@@ -231,11 +251,11 @@ def test_missing_data_fails_before_any_run_directory(tmp_path):
 def test_a_non_empty_run_directory_is_left_alone(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "model.pt").write_bytes(b"precious")
+    RunDir(run_dir).model.write_bytes(b"precious")
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir)])
     assert_one_line_error(result, f"run directory {run_dir} holds results (model.pt) but no checkpoint to resume")
     assert [p.name for p in run_dir.iterdir()] == ["model.pt"]
-    assert (run_dir / "model.pt").read_bytes() == b"precious"
+    assert RunDir(run_dir).model.read_bytes() == b"precious"
 
 
 @pytest.mark.processes

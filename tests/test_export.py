@@ -18,6 +18,7 @@ from job.errors import BadInputError
 from job.export import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, PT2_METADATA, onnx_reader, run_export, run_figures
 from job.model import Net
 from job.provenance import REVISION_ENV, source_commit
+from job.run_dir import RunDir
 
 SUMMARY = {"test_accuracy": 0.9876, "commit": "0123456789abcdef0123456789abcdef01234567", "count": 10000}
 
@@ -27,7 +28,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run's directory as the exports read it: model.pt (random weights) and summary.json,
     with a training checkpoint holding the same weights beside them."""
     folder = write_random_model(tmp_path_factory.mktemp("export"), seed=3)
-    (folder / "summary.json").write_text(json.dumps(SUMMARY))
+    RunDir(folder).summary.write_text(json.dumps(SUMMARY))
     return folder
 
 
@@ -47,7 +48,7 @@ def exported(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 def reference(run: Path, batch: torch.Tensor) -> torch.Tensor:
     model = Net()
-    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    model.load_state_dict(torch.load(RunDir(run).model, weights_only=True))
     with torch.no_grad():
         return model.eval()(batch)
 
@@ -107,7 +108,7 @@ def test_pt2_export_of_a_training_checkpoint_runs_at_any_batch_size(run, exporte
 
 @pytest.mark.processes
 def test_export_refuses_bad_input_in_one_line_and_writes_nothing(run, tmp_path):
-    model = str(run / "model.pt")
+    model = str(RunDir(run).model)
     removed = run_job(["export", "--checkpoint", model, "--format", "torchscript", "--out", str(tmp_path / "m.pt")])
     assert_one_line_error(removed, "--format", "invalid choice: 'torchscript'", "onnx", "pt2")
 
@@ -135,7 +136,7 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing(run, tmp_path):
 def test_a_missing_export_extra_is_one_line_naming_the_install_command(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # None: `import onnxscript` fails
     with pytest.raises(BadInputError, match=re.escape("--format onnx needs onnxscript, not installed: pip install")):
-        run_export(str(run / "model.pt"), "onnx", str(tmp_path / "m.onnx"))
+        run_export(str(RunDir(run).model), "onnx", str(tmp_path / "m.onnx"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     hashed_install = "needs onnxruntime, not installed: pip install --require-hashes -r requirements.lock"
     with pytest.raises(BadInputError, match=re.escape(hashed_install)):
@@ -144,12 +145,12 @@ def test_a_missing_export_extra_is_one_line_naming_the_install_command(run, tmp_
 
 
 def test_the_run_figures_come_from_the_summary_beside_model_pt_else_unknown(run, tmp_path):
-    assert run_figures(run / "model.pt") == {"commit": SUMMARY["commit"], "test_accuracy": "0.9876"}
+    assert run_figures(RunDir(run).model) == {"commit": SUMMARY["commit"], "test_accuracy": "0.9876"}
     assert run_figures(run / "step-000000938.pt") == {"commit": "unknown", "test_accuracy": "unknown"}
-    (tmp_path / "summary.json").write_text('{"test_accuracy": 0.9')  # cut short mid-write
-    assert run_figures(tmp_path / "model.pt") == {"commit": "unknown", "test_accuracy": "unknown"}
-    (tmp_path / "summary.json").write_text('{"test_accuracy": 0.95}')  # written before summaries named the commit
-    assert run_figures(tmp_path / "model.pt") == {"commit": "unknown", "test_accuracy": "0.95"}
+    RunDir(tmp_path).summary.write_text('{"test_accuracy": 0.9')  # cut short mid-write
+    assert run_figures(RunDir(tmp_path).model) == {"commit": "unknown", "test_accuracy": "unknown"}
+    RunDir(tmp_path).summary.write_text('{"test_accuracy": 0.95}')  # written before summaries named the commit
+    assert run_figures(RunDir(tmp_path).model) == {"commit": "unknown", "test_accuracy": "0.95"}
 
 
 def test_the_commit_comes_from_the_checkout_else_the_images_revision_else_unknown(tmp_path, monkeypatch):

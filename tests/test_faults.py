@@ -38,6 +38,7 @@ from helpers import (
 )
 
 from job.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
+from job.run_dir import RunDir
 
 STEPS_PER_EPOCH = 50
 
@@ -165,7 +166,7 @@ def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medi
         codes = wait_for_adopted(workers, timeout=60)
     output = log.read_text()
     assert list(codes.values()) == [EXIT_PREEMPTED] * 2, f"worker exit codes {codes}:\n{output}"
-    assert "the launcher (pid" in output and not (run_dir / "model.pt").exists(), output
+    assert "the launcher (pid" in output and not RunDir(run_dir).model.exists(), output
     # Each worker watches its launcher on its own clock: rank 0 says "by SIGTERM" when its watch
     # fired first, "by another rank's stop request" when rank 1's did; either way one step.
     stopped = r"stopped: by (?:SIGTERM|another rank's stop request) after step (\d+)"

@@ -28,6 +28,7 @@ from helpers import (
 from PIL import Image
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.processes
 
@@ -57,10 +58,10 @@ def test_plot_writes_nothing_through_a_symlinked_plots_directory(tiny_root, tmp_
     run_dir, outside = tmp_path / "run", tmp_path / "outside"
     assert run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")]).returncode == 0
     outside.mkdir()
-    (run_dir / "plots").symlink_to(outside)
+    RunDir(run_dir).plots.symlink_to(outside)
     result = run_job(["plot", str(run_dir), "--data-root", str(tiny_root)])
     assert result.returncode == EXIT_BAD_INPUT
-    assert_one_line_error(result, f"{run_dir / 'plots'} is a symbolic link")
+    assert_one_line_error(result, f"{RunDir(run_dir).plots} is a symbolic link")
     assert list(outside.iterdir()) == []
 
 
@@ -74,7 +75,7 @@ def fifo(path: Path) -> Path:
 
 def test_a_fifo_as_evaluate_checkpoint_is_named_and_never_blocks(tiny_root, tmp_path):
     """Issue 22 case 4: it said "does not exist"."""
-    pipe = fifo(tmp_path / "model.pt")
+    pipe = fifo(RunDir(tmp_path).model)
     result = run_job(["evaluate", "--checkpoint", str(pipe), *tiny_overrides(tiny_root, tmp_path / "run")], timeout=60)
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, f"checkpoint {pipe} is a FIFO (named pipe), not a regular file")
@@ -96,8 +97,8 @@ def _inputs(tmp_path: Path, tiny_root: Path) -> dict[str, tuple[list[str], str]]
     run_dir = tmp_path / "run"
     plotted = tmp_path / "plotted"
     plotted.mkdir()
-    (plotted / "config.yaml").write_text("seed: 1\n")
-    fifo(plotted / "metrics.jsonl")
+    RunDir(plotted).config.write_text("seed: 1\n")
+    fifo(RunDir(plotted).metrics)
     return {
         "train --config": (["train", "--config", str(pipe)], f"config file {pipe} is a FIFO (named pipe)"),
         "train.resume": (
@@ -110,7 +111,7 @@ def _inputs(tmp_path: Path, tiny_root: Path) -> dict[str, tuple[list[str], str]]
             f"{raw} is a FIFO (named pipe)",
         ),
         "predict image": (
-            ["predict", "--checkpoint", str(models / "model.pt"), str(pipe)],
+            ["predict", "--checkpoint", str(RunDir(models).model), str(pipe)],
             f"{pipe} is a FIFO (named pipe), not a regular file",
         ),
         "predict --checkpoint": (["predict", "--checkpoint", str(pipe), str(png)], f"checkpoint {pipe} is a FIFO"),
@@ -127,7 +128,7 @@ def _inputs(tmp_path: Path, tiny_root: Path) -> dict[str, tuple[list[str], str]]
             ["evaluate", "--checkpoint", "/dev/zero", *tiny_overrides(tiny_root, run_dir)],
             "checkpoint /dev/zero is a character device, not a regular file",
         ),
-        "plot metrics.jsonl": (["plot", str(plotted)], f"{plotted / 'metrics.jsonl'} is a FIFO (named pipe)"),
+        "plot metrics.jsonl": (["plot", str(plotted)], f"{RunDir(plotted).metrics} is a FIFO (named pipe)"),
         "plot run directory": (["plot", str(pipe)], f"run directory {pipe} is a FIFO (named pipe)"),
     }
 
@@ -171,7 +172,7 @@ def test_a_volume_full_at_start_is_one_line_that_says_free_space(tiny_root, full
     run_dir = full_tmpfs / "run"
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir)], nproc=2, launcher="job.launch")
     assert result.returncode == EXIT_FAILED, result.stderr[-3000:]
-    line = assert_one_line_error(result, f"cannot write {run_dir / '.lock'} (No space left on device); free space")
+    line = assert_one_line_error(result, f"cannot write {RunDir(run_dir).lock} (No space left on device); free space")
     assert line.startswith("[rank 0] error:")
     assert "OOM" not in result.stderr and "Traceback" not in result.stderr
 
@@ -194,7 +195,7 @@ def test_a_run_directory_made_read_only_mid_run_is_the_one_line_seen(tmp_path):
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        while not checkpoint_steps(run_dir) if (run_dir / "checkpoints").is_dir() else True:
+        while not checkpoint_steps(run_dir) if RunDir(run_dir).checkpoints.path.is_dir() else True:
             assert job.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
         job.send_signal(signal.SIGSTOP)

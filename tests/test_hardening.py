@@ -19,6 +19,7 @@ from PIL import Image
 
 from job.config import load_config
 from job.errors import ConfigError
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.processes
 
@@ -80,8 +81,8 @@ def test_a_yaml_alias_bomb_is_one_line_in_bounded_memory(tmp_path):
 
     run_dir = tmp_path / "run"  # plot reads the run's config.yaml
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text(alias_bomb())
-    (run_dir / "metrics.jsonl").write_text('{"event": "train", "step": 1, "epoch": 1, "examples_seen": 0, "loss": 2}\n')
+    RunDir(run_dir).config.write_text(alias_bomb())
+    RunDir(run_dir).metrics.write_text('{"event": "train", "step": 1, "epoch": 1, "examples_seen": 0, "loss": 2}\n')
     code, stderr, peak = run_measured(["plot", str(run_dir)])
     assert code == 2 and "has the wrong type" in one_error_line(stderr)
     assert peak < PEAK_RSS_LIMIT_MB
@@ -94,7 +95,7 @@ def test_messages_quote_config_values_bounded_whatever_their_size():
 
 
 def test_an_image_that_declares_a_huge_size_is_refused_before_decoding(tmp_path):
-    model = write_random_model(tmp_path, seed=0) / "model.pt"
+    model = RunDir(write_random_model(tmp_path, seed=0)).model
     bomb, fine = tmp_path / "bomb.png", tmp_path / "fine.png"
     Image.new("1", (13300, 13300)).save(bomb)  # about 22 KB on disk, 177 megapixels
     digit = Image.new("L", (28, 28))
@@ -153,7 +154,7 @@ def test_a_second_job_on_a_running_jobs_directory_is_refused_and_touches_nothing
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (run_dir / "config.yaml").exists():  # the first job holds the lock and has started
+    while not RunDir(run_dir).config.exists():  # the first job holds the lock and has started
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
     second = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "seed=2")])
@@ -166,7 +167,7 @@ def test_a_second_job_on_a_running_jobs_directory_is_refused_and_touches_nothing
     first.send_signal(signal.SIGTERM)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 75, err  # stopped at a checkpoint, releasing the lock
-    assert "seed: 1" in (run_dir / "config.yaml").read_text() and not (run_dir / ".lock").exists()
+    assert "seed: 1" in RunDir(run_dir).config.read_text() and not RunDir(run_dir).lock.exists()
 
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "a/b", "x y"])
@@ -193,8 +194,8 @@ def test_a_loss_that_becomes_nan_stops_the_run_and_keeps_the_last_good_checkpoin
     assert result.returncode == 1, result.stderr[-2000:]
     line = assert_one_line_error(result, "the training loss became", "lower optim.lr")
     assert "at step" in line
-    assert not (run_dir / "model.pt").exists()
-    for path in sorted((run_dir / "checkpoints").glob("step-*.pt")):
+    assert not RunDir(run_dir).model.exists()
+    for path in RunDir(run_dir).checkpoints.files():
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values()), f"{path.name} holds broken weights"
 

@@ -30,6 +30,8 @@ import pytest
 import torch
 from helpers import REPO, assert_ok, load_state, read_summary, run_job
 
+from job.run_dir import RunDir
+
 pytestmark = [pytest.mark.image, pytest.mark.processes]
 
 TOOLS = ("buildah", "podman", "runc", "debootstrap")
@@ -248,6 +250,6 @@ def test_train_and_evaluate_read_only_without_network_on_two_processes(
     # The same run from .venv on this host: the same pins and the same world size give the same bits.
     local = run_job(["train", *config, f"run.dir={tmp_path / 'local'}"], nproc=2, timeout=600)
     assert_ok(local)
-    in_image, on_host = load_state(runs / "smoke" / "model.pt"), load_state(tmp_path / "local" / "model.pt")
+    in_image, on_host = load_state(RunDir(runs / "smoke").model), load_state(RunDir(tmp_path / "local").model)
     assert in_image.keys() == on_host.keys()
     assert all(torch.equal(in_image[k], on_host[k]) for k in in_image), "the image must compute what .venv computes"

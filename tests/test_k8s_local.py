@@ -30,6 +30,8 @@ from k8s_local.image import Host
 from k8s_local.manifests import Manifests
 from k8s_local.network import PREFIX, Network, delete_netns, ip, netns_names, remove_leftovers
 
+from job.run_dir import RunDir
+
 pytestmark = [pytest.mark.k8s_local, pytest.mark.processes]
 
 OVERLAY = REPO / "k8s" / "overlays" / "cpu"
@@ -195,12 +197,12 @@ def test_each_pod_sees_what_a_cluster_pod_would(manifests, host, tmp_path):
 
 
 def test_two_pods_train_the_job_to_completion(reference):
-    summary = json.loads((reference / "summary.json").read_text())
+    summary = json.loads(RunDir(reference).summary.read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert summary["resumes"] == 0
     # Rank 0 ran in pod 0 (TensorBoard names its file after the host) as the image's user, whose
     # group (fsGroup) owns the volume.
-    (events,) = (reference / "tb").glob("events.out.tfevents.*")
+    (events,) = RunDir(reference).tensorboard.glob("events.out.tfevents.*")
     assert ".mnist-ddp-0." in events.name
     assert {(p.stat().st_uid, p.stat().st_gid) for p in reference.rglob("*")} == {(10001, 10001)}
 
@@ -236,7 +238,7 @@ def test_a_lost_pod_is_replaced_and_the_job_ends_with_the_uninterrupted_bits(
     else:  # pod 1 lost the rendezvous store with pod 0: it failed too (one failure on its index)
         assert lost.exit_code == 137 and others == [1, 0], logs
     # The run really resumed mid-run, from a checkpoint written before the kill.
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     resumes = [event["step"] for event in events if event["event"] == "resume"]
     assert resumes and all(2 * CHECKPOINT_EVERY <= step < EPOCHS * STEPS_PER_EPOCH for step in resumes), logs
     assert_same_weights(run_dir, reference)
@@ -262,7 +264,7 @@ def test_a_replacement_pod_waits_for_the_lock_its_frozen_predecessor_holds_and_r
         job.wait(timeout=240, until=lambda: max(checkpoint_steps(run_dir), default=0) >= 2 * CHECKPOINT_EVERY)
         old = job.running[0]
         old_boot = (Path(old.plan.root).parent / "boot_id").read_text().strip()
-        assert re.match(r"pid \d+ on mnist-ddp-0 ", (run_dir / ".lock").read_text()), "rank 0 runs in pod 0"
+        assert re.match(r"pid \d+ on mnist-ddp-0 ", RunDir(run_dir).lock.read_text()), "rank 0 runs in pod 0"
         job.lose_node(0)
         job.sync()  # the replacement pod 0: at once, nothing counted
         job.kill(1)
@@ -279,7 +281,7 @@ def test_a_replacement_pod_waits_for_the_lock_its_frozen_predecessor_holds_and_r
     assert re.search(rf"locked by another job \(pid \d+ on mnist-ddp-0 \(boot {old_boot}, ", waiting.log.read_text())
     assert 2 not in [pod.exit_code for pod in job.history], logs  # exit 2 is FailJob: the Job would be lost
     assert sorted(pod.index for pod in job.history if pod.exit_code == 0) == [0, 1], logs
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     resumes = [event["step"] for event in events if event["event"] == "resume"]
     assert resumes and all(2 * CHECKPOINT_EVERY <= step < EPOCHS * STEPS_PER_EPOCH for step in resumes), logs
     assert_same_weights(run_dir, reference)
@@ -317,7 +319,7 @@ def test_an_error_while_the_pods_run_leaves_nothing_behind(manifests, host, tmp_
     leftovers = Leftovers(tmp_path)
     with pytest.raises(RuntimeError, match="a failing test"), LocalJob(manifests, host, tmp_path) as job:
         job.start()
-        job.wait(timeout=120, until=lambda: (job.host_path(RUN_DIR) / "config.yaml").exists())  # training
+        job.wait(timeout=120, until=lambda: RunDir(job.host_path(RUN_DIR)).config.exists())  # training
         raise RuntimeError("a failing test")
     assert all(pod.process.poll() is not None for pod in job.history)
     leftovers.assert_none()

@@ -11,6 +11,7 @@ import yaml
 from helpers import REPO
 
 from job.export import FORMATS
+from job.run_dir import RunDir
 
 
 def _make(*args: str) -> str:
@@ -91,7 +92,7 @@ def test_tensorboard_names_the_run_by_its_name_as_logdir_runs_does(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
     run = tmp_path / "x"
-    with SummaryWriter(log_dir=str(run / "tb")) as writer:  # where the job writes (job/metrics.py)
+    with SummaryWriter(log_dir=str(RunDir(run).tensorboard)) as writer:  # where the job writes (job/metrics.py)
         writer.add_scalar("loss", 1.0, 1)
     command = _make("-n", "tensorboard", f"RUN={run}").split()
     name, path = command[command.index("--logdir_spec") + 1].split(":", 1)

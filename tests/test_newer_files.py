@@ -23,6 +23,7 @@ from helpers import (
 )
 
 from job.checkpoint import CHECKPOINT_FORMAT
+from job.run_dir import RunDir
 from job.untrusted import readable_archive_version
 
 pytestmark = pytest.mark.processes
@@ -58,8 +59,8 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def interrupted_copy(finished: tuple[Path, Path], dest: Path) -> Path:
     """The run as a kill after its last checkpoint leaves it: checkpoints, no results yet."""
     shutil.copytree(finished[1], dest)
-    (dest / "model.pt").unlink()
-    (dest / "summary.json").unlink()
+    RunDir(dest).model.unlink()
+    RunDir(dest).summary.unlink()
     return dest
 
 
@@ -142,8 +143,8 @@ def test_train_resume_from_a_newer_torch_file_names_both_versions(finished, tmp_
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
 def test_every_reader_of_our_files_names_a_newer_torch(finished, tmp_path, command):
     """evaluate --checkpoint, predict --checkpoint and export --checkpoint read the same files."""
-    model = tmp_path / "model.pt"
-    shutil.copy(finished[1] / "model.pt", model)
+    model = RunDir(tmp_path).model
+    shutil.copy(RunDir(finished[1]).model, model)
     stamp_archive_version(model, NEWER)
     out = tmp_path / "model.safetensors"
     image = tmp_path / "digit.png"

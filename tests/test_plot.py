@@ -11,6 +11,7 @@ from helpers import assert_ok, assert_one_line_error, run_job, tiny_overrides
 from PIL import Image
 
 from job.plot import confusion_figure, confusion_matrix, figure_digits
+from job.run_dir import RunDir
 
 FIGURES = ("digits.png", "training_curve.png", "confusion_matrix.png")
 
@@ -35,20 +36,20 @@ def assert_figures(plots: Path) -> None:
 def test_plot_writes_the_three_figures_of_a_run(tiny_run):
     result = run_job(["plot", str(tiny_run)])
     assert_ok(result)
-    assert result.stdout.splitlines() == [f"wrote {tiny_run / 'plots' / name}" for name in FIGURES]
-    assert_figures(tiny_run / "plots")
+    assert result.stdout.splitlines() == [f"wrote {RunDir(tiny_run).plots / name}" for name in FIGURES]
+    assert_figures(RunDir(tiny_run).plots)
 
 
 @pytest.mark.processes
 def test_plot_reads_a_run_that_crashed_mid_line_and_has_only_checkpoints(tiny_run, tmp_path):
     run_dir = tmp_path / "crashed"
     shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("plots", "model.pt"))
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(RunDir(run_dir).metrics, "a") as f:
         f.write('{"time": 1.0, "event": "tra')
     result = run_job(["plot", str(run_dir)])
     assert_ok(result)
     assert "warning: skipped 1 unreadable line(s)" in result.stderr
-    assert_figures(run_dir / "plots")
+    assert_figures(RunDir(run_dir).plots)
 
 
 @pytest.mark.processes
@@ -64,9 +65,9 @@ def test_plot_refuses_bad_run_directories_in_one_line(tiny_run, tmp_path):
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("plots"))
-    (corrupt / "model.pt").write_bytes(b"garbage")
+    RunDir(corrupt).model.write_bytes(b"garbage")
     assert_one_line_error(run_job(["plot", str(corrupt)]), "model.pt is truncated or corrupt")
-    assert not (corrupt / "plots").exists(), "nothing written on bad input"
+    assert not RunDir(corrupt).plots.exists(), "nothing written on bad input"
 
 
 def test_confusion_matrix_counts_true_against_predicted():

@@ -17,6 +17,7 @@ import torch
 from helpers import assert_ok, checkpoint, clean_env, read_summary, run_job, tiny_overrides, weights_digest
 
 from job.cpu_kernels import PORTABLE_PINS
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.processes
 
@@ -66,7 +67,7 @@ def test_native_kernels_record_the_hosts_instruction_set(tiny_root, tmp_path):
     digest = _short_run(tiny_root, tmp_path / "native", "speed.native_cpu_kernels=true")
     summary = read_summary(tmp_path / "native")
     assert summary["cpu_capability"] == native
-    header = (tmp_path / "native" / "config.yaml").read_text().splitlines()[0]
+    header = RunDir(tmp_path / "native").config.read_text().splitlines()[0]
     assert f"cpu_capability {native}" in header
     if native != "AVX2":  # an AVX-512 host: its own kernels give other bits, as documented
         assert digest != _reference()

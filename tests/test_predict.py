@@ -15,6 +15,7 @@ from helpers import assert_ok, assert_one_line_error, run_job, write_random_mode
 from PIL import Image, ImageDraw
 
 from job.predict import ImageFileError, mnist_like, read_grey
+from job.run_dir import RunDir
 
 
 def drawn_seven(size: tuple[int, int] = (300, 400), ink: int = 20, paper: int = 235) -> Image.Image:
@@ -96,7 +97,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.processes
 def test_predict_prints_digit_and_probability_per_file(untrained, images):
-    result = run_job(["predict", "--checkpoint", str(untrained / "model.pt"), str(images["png"]), str(images["jpeg"])])
+    result = run_job(["predict", "--checkpoint", str(RunDir(untrained).model), str(images["png"]), str(images["jpeg"])])
     assert_ok(result)
     lines = result.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [str(images["png"]), str(images["jpeg"])]
@@ -124,14 +125,14 @@ def test_predict_json_and_training_checkpoints(untrained, images):
 @pytest.mark.processes
 def test_predict_and_evaluate_read_the_projects_own_safetensors_export(untrained, images, tmp_path, tiny_root):
     exported = tmp_path / "model.safetensors"
-    export = ["export", "--checkpoint", str(untrained / "model.pt"), "--format", "safetensors", "--out", str(exported)]
+    export = ["export", "--checkpoint", str(RunDir(untrained).model), "--format", "safetensors", "--out", str(exported)]
     assert_ok(run_job(export))
-    models = (untrained / "model.pt", exported)
+    models = (RunDir(untrained).model, exported)
     outputs = [run_job(["predict", "--checkpoint", str(path), "--json", str(images["png"])]) for path in models]
     assert_ok(outputs[1])
     assert outputs[0].stdout == outputs[1].stdout
     on_data = [f"data.root={tiny_root}", "data.verify=false", "data.download=false"]
-    figures = [run_job(["evaluate", "--checkpoint", str(p), *on_data]) for p in (untrained / "model.pt", exported)]
+    figures = [run_job(["evaluate", "--checkpoint", str(p), *on_data]) for p in (RunDir(untrained).model, exported)]
     assert_ok(figures[1])
     assert figures[0].stdout == figures[1].stdout
 
@@ -157,7 +158,7 @@ def test_bad_files_get_one_line_each_and_the_others_are_still_read(untrained, im
         tmp_path: "is a directory",
         not_a_number: "1 pixel(s) are NaN or infinite",
     }
-    args = ["predict", "--checkpoint", str(untrained / "model.pt"), "--json", str(images["png"])]
+    args = ["predict", "--checkpoint", str(RunDir(untrained).model), "--json", str(images["png"])]
     result = run_job([*args, *map(str, bad), str(images["jpeg"])])
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -193,7 +194,7 @@ def write_onnx_of_another_shape(path: Path) -> None:
 @pytest.mark.processes
 def test_predict_model_refuses_what_is_not_an_onnx_digit_reader(untrained, images, tmp_path):
     """--model takes an onnx file (export --format onnx); test_real_mnist.py reads real digits with one."""
-    png, model_pt = str(images["png"]), str(untrained / "model.pt")
+    png, model_pt = str(images["png"]), str(RunDir(untrained).model)
     both = run_job(["predict", "--checkpoint", model_pt, "--model", str(tmp_path / "m.onnx"), png])
     assert_one_line_error(both, "--model: not allowed with argument --checkpoint")
     not_onnx = run_job(["predict", "--model", model_pt, png])

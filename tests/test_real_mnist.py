@@ -17,6 +17,7 @@ from PIL import Image
 
 from job.data import SHA256, missing_files, normalize, raw_dir, read_idx, verify_checksums
 from job.model import load_model
+from job.run_dir import RunDir
 
 pytestmark = pytest.mark.processes
 
@@ -71,7 +72,7 @@ def test_predict_reads_test_digits_saved_as_inverted_upscaled_colour_pngs(one_ep
         path = tmp_path / f"digit-{i:02d}.png"
         Image.fromarray(255 - pixels.numpy()).resize((112, 112), Image.BICUBIC).convert("RGB").save(path)
         files.append(str(path))
-    result = run_job(["predict", "--checkpoint", str(one_epoch_run / "model.pt"), "--json", *files])
+    result = run_job(["predict", "--checkpoint", str(RunDir(one_epoch_run).model), "--json", *files])
     assert_ok(result)
     records = [json.loads(line) for line in result.stdout.splitlines()]
     digits = [record["digit"] for record in records]
@@ -93,7 +94,7 @@ def test_plot_draws_the_figures_of_a_real_run(one_epoch_run):
     result = run_job(["plot", str(one_epoch_run)], cwd=REPO)
     assert_ok(result)
     for name in ("digits.png", "training_curve.png", "confusion_matrix.png"):
-        with Image.open(one_epoch_run / "plots" / name) as image:
+        with Image.open(RunDir(one_epoch_run).plots / name) as image:
             assert image.format == "PNG", name
 
 
@@ -103,7 +104,7 @@ def exported(one_epoch_run: Path) -> dict[str, Path]:
     files = {}
     for fmt in ("onnx", "pt2"):
         files[fmt] = one_epoch_run / f"model.{fmt}"
-        args = ["export", "--checkpoint", str(one_epoch_run / "model.pt"), "--format", fmt, "--out", str(files[fmt])]
+        args = ["export", "--checkpoint", str(RunDir(one_epoch_run).model), "--format", fmt, "--out", str(files[fmt])]
         assert_ok(run_job(args))
     return files
 
@@ -119,7 +120,7 @@ def test_onnx_export_reads_all_10000_test_digits_as_torch_does(one_epoch_run, ex
 
     images, labels = mnist_test_set()
     with torch.no_grad():
-        expected = load_model(one_epoch_run / "model.pt")(images).numpy()
+        expected = load_model(RunDir(one_epoch_run).model)(images).numpy()
     session = onnxruntime.InferenceSession(str(exported["onnx"]), providers=["CPUExecutionProvider"])
     got = np.concatenate([session.run(None, {"image": chunk.numpy()})[0] for chunk in images.split(1000)])
     one_by_one = np.concatenate([session.run(None, {"image": image[None].numpy()})[0] for image in images[:20]])
@@ -160,7 +161,7 @@ def test_pt2_export_loaded_in_a_fresh_process_reads_all_10000_test_digits_as_tor
     ]
     assert_ok(subprocess.run(runner, capture_output=True, text=True, timeout=300))
     out = torch.load(tmp_path / "out.pt", weights_only=True)
-    model = load_model(one_epoch_run / "model.pt")
+    model = load_model(RunDir(one_epoch_run).model)
     with torch.no_grad():  # the same batches as the runner's: the same kernels, so the same bits
         assert all(
             torch.equal(got, model(chunk)) for got, chunk in zip(out["batches"], images.split(1000), strict=True)

@@ -22,6 +22,7 @@ from PIL import Image
 from job import data
 from job.errors import DataError
 from job.model import Net
+from job.run_dir import RunDir
 
 # --- 1. data the header check passes but the net cannot take --------------------------------
 
@@ -169,9 +170,9 @@ def test_tilde_paths_are_the_home_directory_everywhere(tiny_root, tmp_path):
     result = run_job([*args, "data.root=~/mnist-data", "run.dir=~/runs/x"], env=env)
     assert_ok(result)
     run_dir = home / "runs" / "x"
-    assert (run_dir / "model.pt").is_file() and not (REPO / "~").exists()
+    assert RunDir(run_dir).model.is_file() and not (REPO / "~").exists()
     assert f"results in {run_dir}" in result.stdout
-    config = (run_dir / "config.yaml").read_text()
+    config = RunDir(run_dir).config.read_text()
     assert f"root: {home / 'mnist-data'}" in config and f"dir: {run_dir}" in config
 
     exported = run_job(
@@ -182,7 +183,7 @@ def test_tilde_paths_are_the_home_directory_everywhere(tiny_root, tmp_path):
     (home / "digit.png").write_bytes(digit_png(tmp_path).read_bytes())
     assert_ok(run_job(["predict", "--checkpoint", "~/runs/x/model.pt", "~/digit.png"], env=env))
     resumed = run_job([*args, "data.root=~/mnist-data", "run.dir=~/runs/y", "train.resume=~/runs/x/model.pt"], env=env)
-    assert_one_line_error(resumed, f"{run_dir / 'model.pt'} is not a training checkpoint")
+    assert_one_line_error(resumed, f"{RunDir(run_dir).model} is not a training checkpoint")
 
 
 # --- 4, 5. the rendezvous: a port another program holds, an address that does not resolve ----

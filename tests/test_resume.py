@@ -33,6 +33,7 @@ from job import data
 from job.checkpoint import check_fields, recipe_digest
 from job.model import state_shapes
 from job.progress import Progress
+from job.run_dir import RunDir
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
 STEPS = [3, 6, 8, 9, 12, 15, 16]
@@ -53,9 +54,9 @@ def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:
     for step in STEPS:
         if step > last_step:
             checkpoint(dest, step).unlink()
-    (dest / "model.pt").unlink()
-    (dest / "summary.json").unlink()
-    (dest / "checkpoints" / f".step-{last_step + 1:09d}.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    RunDir(dest).model.unlink()
+    RunDir(dest).summary.unlink()
+    (RunDir(dest).checkpoints.path / f".step-{last_step + 1:09d}.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     return dest
 
 
@@ -68,7 +69,7 @@ def reference(tiny_root, tmp_path_factory):
 
 @pytest.mark.processes
 def test_checkpoints_hold_everything_a_resume_needs(reference):
-    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == [f"step-{s:09d}.pt" for s in STEPS]
+    assert sorted(p.name for p in RunDir(reference).checkpoints.path.iterdir()) == [f"step-{s:09d}.pt" for s in STEPS]
     state = torch.load(checkpoint(reference, 9), weights_only=True)
     assert (state["epochs_done"], state["batches_done"], state["global_step"]) == (1, 1, 9), "batch 1 of epoch 2"
     assert state["world_size"] == 2 and state["train_samples"] == TINY_TRAIN
@@ -93,7 +94,10 @@ def test_only_the_newest_checkpoints_are_kept(tiny_root, tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tiny_root, run_dir, "checkpoint.every_steps=3", "checkpoint.keep=2", "train.epochs=1")
     assert_ok(run_job(["train", *overrides]))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000000006.pt", "step-000000008.pt"]
+    assert sorted(p.name for p in RunDir(run_dir).checkpoints.path.iterdir()) == [
+        "step-000000006.pt",
+        "step-000000008.pt",
+    ]
 
 
 @pytest.mark.processes
@@ -115,10 +119,10 @@ def test_a_killed_run_directory_resumes_by_itself(reference, tiny_root, tmp_path
     result = start_again(run_dir, tiny_root)
     assert f"Resuming from {checkpoint(run_dir, 9)}: epoch 2, batch 1/8, step 9" in result.stdout
     assert_same_weights(run_dir, reference)
-    assert not list((run_dir / "checkpoints").glob(".*.tmp")), "the interrupted write's temp file is removed"
+    assert not list(RunDir(run_dir).checkpoints.path.glob(".*.tmp")), "the interrupted write's temp file is removed"
 
     def events(path: Path, kind: str) -> list[tuple]:
-        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in RunDir(path).metrics.read_text().splitlines()]
         return [(e["step"], e.get("loss"), e.get("test_loss")) for e in lines if e["event"] == kind]
 
     for kind in ("train", "test"):
@@ -170,7 +174,7 @@ def test_no_loadable_checkpoint_is_an_error_that_deletes_nothing(reference, tiny
 
 @pytest.mark.processes
 def test_train_resume_must_name_a_training_checkpoint(reference, tiny_root, tmp_path):
-    start = f"train.resume={reference / 'model.pt'}"
+    start = f"train.resume={RunDir(reference).model}"
     result = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", start)])
     assert_one_line_error(result, "is not a training checkpoint of this job", "a model.pt holds weights only")
     missing = run_job(["train", *tiny_overrides(tiny_root, tmp_path / "run", "train.resume=nope.pt")])
@@ -299,7 +303,7 @@ def test_a_resume_that_changes_what_the_bits_depend_on_says_so(tiny_root, tmp_pa
     first = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")], env=two_threads)
     assert_ok(first)
     assert read_summary(run_dir)["threads_per_rank"] == 2
-    assert "threads_per_rank 2" in (run_dir / "config.yaml").read_text().splitlines()[0]
+    assert "threads_per_rank 2" in RunDir(run_dir).config.read_text().splitlines()[0]
     resumed = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=2")], env=one_thread)
     assert_ok(resumed)
     assert "written with threads_per_rank=2 under threads_per_rank=1" in resumed.stderr

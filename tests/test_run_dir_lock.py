@@ -31,6 +31,8 @@ from helpers import (
     tiny_overrides,
 )
 
+from job.run_dir import RunDir
+
 pytestmark = pytest.mark.processes
 
 HOST = "mnist-ddp-0"
@@ -79,7 +81,7 @@ def test_a_replacement_pod_with_the_same_host_name_waits_for_the_frozen_one_and_
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
 
     old = on_host(tmp_path, HOST, args, old_log)
-    wait_for(lambda: bool(checkpoint_steps(run_dir)) if (run_dir / "checkpoints").is_dir() else False,
+    wait_for(lambda: bool(checkpoint_steps(run_dir)) if RunDir(run_dir).checkpoints.path.is_dir() else False,
              "checkpoint", [old], old_log)  # fmt: skip
     old.send_signal(signal.SIGSTOP)  # frozen: alive, holding the lock, answering nothing
     try:
@@ -105,7 +107,7 @@ def test_a_holder_elsewhere_that_never_ends_is_a_run_time_failure_not_bad_input(
     args = ["train", *tiny_overrides(root, run_dir, "checkpoint.every_steps=10")]
     old_log, new_log = tmp_path / "old.log", tmp_path / "new.log"
     old = on_host(tmp_path, HOST, args, old_log)
-    wait_for(lambda: (run_dir / "config.yaml").exists(), "config.yaml", [old], old_log)
+    wait_for(lambda: RunDir(run_dir).config.exists(), "config.yaml", [old], old_log)
     old.send_signal(signal.SIGSTOP)
     try:
         new = on_host(tmp_path, HOST, args, new_log)
@@ -130,13 +132,13 @@ def test_a_container_on_the_same_kernel_whose_pid_the_holder_had_waits_for_it(ne
     boot_id = tmp_path / "boot-id"
     boot_id.write_text(f"{uuid.uuid4()}\n")
     old = on_host(tmp_path, HOST, args, old_log, boot_id=boot_id, pid_ns=True)
-    wait_for(lambda: bool(checkpoint_steps(run_dir)) if (run_dir / "checkpoints").is_dir() else False,
+    wait_for(lambda: bool(checkpoint_steps(run_dir)) if RunDir(run_dir).checkpoints.path.is_dir() else False,
              "checkpoint", [old], old_log)  # fmt: skip
     old.send_signal(signal.SIGSTOP)  # unshare; its child, the job, is frozen below
     for child in Path(f"/proc/{old.pid}/task/{old.pid}/children").read_text().split():
         os.kill(int(child), signal.SIGSTOP)
     try:
-        assert (run_dir / ".lock").read_text().startswith(f"pid 1 on {HOST} ")
+        assert RunDir(run_dir).lock.read_text().startswith(f"pid 1 on {HOST} ")
         new = on_host(tmp_path, HOST, args, new_log, boot_id=boot_id, pid_ns=True)
         wait_for(lambda: "waiting up to" in new_log.read_text(), "wait", [new], new_log)
     finally:

@@ -19,6 +19,7 @@ import pytest
 from helpers import REPO, clean_env, tiny_overrides, write_random_model
 
 from job.config import load_config
+from job.run_dir import RunDir
 from job.same_run import PER_HOST_KEYS, code_digests, disagreement, run_identity
 
 ENVIRONMENT = {"world_size": 2, "device": "cpu", "threads_per_rank": 1, "torch": "2.14.1"}
@@ -192,7 +193,7 @@ def test_a_node_running_code_where_one_constant_differs_stops_the_job(tiny_root,
 @pytest.mark.processes
 def test_evaluate_on_nodes_running_other_code_stops_too(tiny_root, tmp_path) -> None:
     """The other multi-rank command: `evaluate` at two ranks checks the same way."""
-    model = write_random_model(tmp_path, seed=0) / "model.pt"
+    model = RunDir(write_random_model(tmp_path, seed=0)).model
     copy = tmp_path / "other-code"
     shutil.copytree(REPO / "job", copy / "job", ignore=shutil.ignore_patterns("__pycache__"))
     edit_constant(copy / "job")
@@ -229,4 +230,4 @@ def test_nodes_that_agree_train(tiny_root, tmp_path) -> None:
     results = two_nodes(tiny_root, run_dir, (["train.epochs=1"], ["train.epochs=1", f"data.root={alias}"]))
     for result in results:
         assert result.returncode == 0, result.stdout + result.stderr
-    assert (run_dir / "summary.json").is_file()
+    assert RunDir(run_dir).summary.is_file()

@@ -47,6 +47,8 @@ from slurm_cluster import (
     remove_leftovers,
 )
 
+from job.run_dir import RunDir
+
 pytestmark = [pytest.mark.slurm, pytest.mark.processes]
 
 SBATCH = REPO / "slurm" / "train.sbatch"
@@ -175,7 +177,8 @@ class Job:
 
     def wait_for_checkpoint(self, step: int) -> None:
         def written() -> bool:
-            steps = [int(p.name[5:14]) for p in (self.run_dir / "checkpoints").glob("step-*.pt")]
+            checkpoints = RunDir(self.run_dir).checkpoints
+            steps = [checkpoints.step_of(p) for p in checkpoints.files()]
             assert self.cluster.job(self.id)["JobState"] in ("PENDING", "RUNNING"), self.output
             return max(steps, default=0) >= step
 
@@ -204,11 +207,11 @@ class Job:
                 os.kill(pid, signal.SIGCONT)
 
     def events(self, kind: str) -> list[dict]:
-        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        lines = RunDir(self.run_dir).metrics.read_text().splitlines()
         return [event for event in map(json.loads, lines) if event["event"] == kind]
 
     def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
+        return json.loads(RunDir(self.run_dir).summary.read_text())
 
 
 # When to interrupt a run. SIGTERM is acted on at the ranks' next stop vote (every 10 steps), so a
@@ -231,7 +234,7 @@ def _signal_pending_or_running(pid: int, sig: signal.Signals) -> bool:
 
 
 def assert_same_bits(run_dir: Path, reference: Path) -> None:
-    ours, theirs = load_state(run_dir / "model.pt"), load_state(reference / "model.pt")
+    ours, theirs = load_state(RunDir(run_dir).model), load_state(RunDir(reference).model)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "weights differ from the local torchrun run"
 

@@ -18,6 +18,7 @@ from helpers import REPO, assert_one_line_error, assert_same_weights, clean_env,
 
 from job import data
 from job.model import Net
+from job.run_dir import RunDir
 
 SWITCHES = {
     "bf16": ["speed.bf16=true"],
@@ -31,7 +32,7 @@ def train(tiny_root: Path, run_dir: Path, *extra: str, nproc: int | None = 2) ->
     """The run's summary.json and its stderr."""
     result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *extra)], nproc=nproc, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "summary.json").read_text()), result.stderr
+    return json.loads(RunDir(run_dir).summary.read_text()), result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +49,13 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, ba
     # change the arithmetic (bf16, kernel order) or the dropout stream (compile), so the figure
     # moves, but the net must still learn.
     assert summary["test_accuracy"] > 0.8, summary
-    state = torch.load(tmp_path / switch / "model.pt", weights_only=True)
+    state = torch.load(RunDir(tmp_path / switch).model, weights_only=True)
     assert all(t.is_contiguous() for t in state.values()), "model.pt must hold default-layout tensors"
     Net().load_state_dict(state)
     if switch != "data_on_device":  # that one changes nothing on CPU (next test)
-        off = torch.load(baseline[0] / "model.pt", weights_only=True)
+        off = torch.load(RunDir(baseline[0]).model, weights_only=True)
         assert any(not torch.equal(state[k], off[k]) for k in off), f"speed.{switch}=true changed nothing"
-    config = (tmp_path / switch / "config.yaml").read_text()
+    config = RunDir(tmp_path / switch).config.read_text()
     assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
     torch_warnings = [line for line in stderr.splitlines() if line.startswith("[rank") and "/torch/" in line]
     assert not torch_warnings, "the compiler's remarks are quiet unless TORCH_LOGS asks for them"

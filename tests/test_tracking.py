@@ -38,6 +38,7 @@ from helpers import (
 )
 
 from job.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
+from job.run_dir import RunDir
 from job.tracking import config_params
 
 STEPS_PER_EPOCH = 50
@@ -90,7 +91,7 @@ def assert_mirrors(client, run, run_dir: Path) -> None:  # noqa: ANN001
         assert steps and len(steps) == len(set(steps)), f"{key}: a step logged twice or none: {steps}"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"model.pt", "summary.json", "config.yaml"}
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert json.loads(RunDir(run_dir).mlflow_run.read_text())["run_id"] == run.info.run_id
 
 
 def assert_same_history(client, run, reference) -> None:  # noqa: ANN001
@@ -130,16 +131,16 @@ def server_has(client, run_dir: Path, step: int) -> Callable[[], bool]:  # noqa:
     """Whether the job's MLflow run holds train/loss at `step` or later."""
 
     def holds() -> bool:
-        if not (run_dir / "mlflow_run.json").exists():
+        if not RunDir(run_dir).mlflow_run.exists():
             return False
-        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+        run_id = json.loads(RunDir(run_dir).mlflow_run.read_text())["run_id"]
         return max((m.step for m in client.get_metric_history(run_id, "train/loss")), default=-1) >= step
 
     return holds
 
 
 def run_id_of(run_dir: Path) -> str:
-    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    return json.loads(RunDir(run_dir).mlflow_run.read_text())["run_id"]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_a_two_rank_run_is_one_mlflow_run_with_params_tags_metrics_and_results(m
     assert run.data.tags["world_size"] == "2" and run.data.tags["launcher"] == "torchrun"
     assert run.data.tags["torch"] == torch.__version__
     model = Path(client.download_artifacts(run.info.run_id, "model.pt", str(run_dir.parent / "downloaded")))
-    assert model.read_bytes() == (run_dir / "model.pt").read_bytes()
+    assert model.read_bytes() == RunDir(run_dir).model.read_bytes()
     assert "Training on 2 rank(s)" in result.stdout  # two ranks trained; one MLflow run (only_run)
 
 
@@ -320,7 +321,7 @@ def test_a_run_directory_whose_mlflow_run_the_server_lacks_is_exit_2_and_left_as
 ):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "mlflow_run.json").write_text(json.dumps({"run_id": "0" * 32}))
+    RunDir(run_dir).mlflow_run.write_text(json.dumps({"run_id": "0" * 32}))
     before = snapshot(run_dir)
     result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "lacks"), env=job_env(), timeout=60)
     assert result.returncode == EXIT_BAD_INPUT
@@ -337,10 +338,10 @@ def test_a_symlinked_mlflow_run_file_is_refused_before_anything_is_read_or_writt
     run_dir, outside = tmp_path / "run", tmp_path / "outside.json"
     run_dir.mkdir()
     outside.write_text(json.dumps({"run_id": "0" * 32}))
-    (run_dir / "mlflow_run.json").symlink_to(outside)
+    RunDir(run_dir).mlflow_run.symlink_to(outside)
     result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "symlinked"), env=job_env(), timeout=60)
     assert result.returncode == EXIT_BAD_INPUT
-    assert_one_line_error(result, f"{run_dir / 'mlflow_run.json'} is a symbolic link")
+    assert_one_line_error(result, f"{RunDir(run_dir).mlflow_run} is a symbolic link")
     assert sorted(p.name for p in run_dir.iterdir()) == ["mlflow_run.json"]
     assert mlflow_server.client().get_experiment_by_name("symlinked") is None  # the server was not asked
 

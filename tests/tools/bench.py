@@ -53,6 +53,8 @@ from pathlib import Path
 
 import torch
 
+from job.run_dir import RunDir
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 GPU_DEVICE = "cuda"
@@ -109,7 +111,7 @@ def job(args: argparse.Namespace, work: Path, nproc: int = 1, extra: tuple[str, 
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), "-m", "job", *common]
         env["OMP_NUM_THREADS"] = "1"
     run([*cmd, *args.overrides, *extra], work, env)
-    return {**json.loads((work / "run/summary.json").read_text()), "run_dir": work / "run"}
+    return {**json.loads(RunDir(work / "run").summary.read_text()), "run_dir": work / "run"}
 
 
 def data_path(args: argparse.Namespace, work: Path) -> dict:
@@ -236,7 +238,7 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
         if result.get("device") != GPU_DEVICE:
             result, note = None, f"FAILED: ran on {result.get('device')!r}, not {GPU_DEVICE}"
         elif label == "job, again" and rows[1][1] is not None:
-            same = identical(rows[1][1]["run_dir"] / "model.pt", result["run_dir"] / "model.pt")
+            same = identical(RunDir(rows[1][1]["run_dir"]).model, RunDir(result["run_dir"]).model)
             note = f"bit-identical to the first: {'yes' if same else 'NO'}"
         rows.append((label, result, note))
         shown = f"{result['train_samples_per_second']:,.0f} samples/s" if result else ""
@@ -269,7 +271,7 @@ def step_times(result: dict) -> tuple[float, float] | None:
     """A job run's (steady seconds per step, warm-up seconds), from its metrics.jsonl: the median
     time per step between consecutive logged steps, and the training loop's seconds beyond that
     many steady steps. None for a run without a run directory (the tutorial) or too few logs."""
-    metrics = result.get("run_dir") and result["run_dir"] / "metrics.jsonl"
+    metrics = result.get("run_dir") and RunDir(result["run_dir"]).metrics
     if not metrics or not metrics.exists():
         return None
     events = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import checkpoint_steps, kill_tree  # noqa: E402
 
+from job.run_dir import RunDir  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -61,7 +63,7 @@ def main() -> int:
         return fail(f"the reference run failed: see {args.work / 'reference.log'}")
     print(f"reference: {time.monotonic() - started:.1f} s uninterrupted")
 
-    final_step = json.loads((args.work / "reference/summary.json").read_text())["global_step"]
+    final_step = json.loads(RunDir(args.work / "reference").summary.read_text())["global_step"]
     run_dir = args.work / "chaos"
     aims = sorted(rng.uniform(0, 0.9 * final_step) for _ in range(args.kills))  # 0.9: leave checkpoints to aim at
     landed, attempt, newest, job = 0, 0, 0, launch(args, "chaos-0", restarts=args.kills)
@@ -90,8 +92,8 @@ def main() -> int:
     logs = "".join(p.read_text() for p in sorted(args.work.glob("chaos-*.log")))
     resumed = sorted({int(step) for step in re.findall(r"Resuming from \S+step-(\d+)\.pt", logs)})
     print(f"resumed from steps: {resumed or 'none (every kill came before the first checkpoint)'}")
-    ours = torch.load(args.work / "chaos/model.pt", weights_only=True)
-    theirs = torch.load(args.work / "reference/model.pt", weights_only=True)
+    ours = torch.load(RunDir(args.work / "chaos").model, weights_only=True)
+    theirs = torch.load(RunDir(args.work / "reference").model, weights_only=True)
     differing = [key for key in theirs if not torch.equal(ours[key], theirs[key])]
     if differing:
         return fail(f"weights differ from the uninterrupted run in {', '.join(differing)}")

@@ -53,8 +53,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from job.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 # The job from this working tree, imported here as the runs import it: a GPU host's own python
@@ -366,7 +370,7 @@ class Check:
 
     def step_evaluate(self) -> str:
         cmd = self.job_cmd(
-            "evaluate", "--checkpoint", str(self.reference / "model.pt"), *self.overrides(self.work / "unused")
+            "evaluate", "--checkpoint", str(run_files(self.reference).model), *self.overrides(self.work / "unused")
         )
         run = self.finish(self.start("evaluate", cmd))
         lines = run.log.read_text().strip().splitlines()
@@ -398,7 +402,7 @@ class Check:
         if code != 75:
             raise Failed(f"exit {code} after SIGTERM, expected 75; see {stopped.log}")
         steps = checkpoint_steps(run_dir)
-        if (run_dir / "summary.json").exists():
+        if run_files(run_dir).summary.exists():
             raise Failed("the stopped run wrote summary.json: it finished instead of stopping")
         rerun = self.finish(self.start_train("sigterm-2", run_dir, *longer))
         reference_dir = self.finish(reference).run_dir if reference else self.reference
@@ -565,11 +569,11 @@ class Check:
 
     def wait_for_checkpoint(self, run: Run) -> int:
         """The step of the first checkpoint the run writes; Failed if it ends before writing one."""
-        folder = run.run_dir / "checkpoints"
+        checkpoints = run_files(run.run_dir).checkpoints
         while run.process.poll() is None:
-            written = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+            written = checkpoints.files()
             if written:
-                return int(written[0].name[5:14])
+                return checkpoints.step_of(written[0])
             if self.time_left() <= 0:
                 break
             time.sleep(0.005)
@@ -592,7 +596,7 @@ class Check:
 
     @staticmethod
     def summary_of(run_dir: Path) -> dict:
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads(run_files(run_dir).summary.read_text())
 
     # --- the reports -------------------------------------------------------------------------------
 
@@ -763,28 +767,38 @@ def write_idx(path: Path, array: torch.Tensor) -> None:
 # --- comparing runs --------------------------------------------------------------------------------
 
 
+def run_files(run_dir: Path) -> RunDir:
+    """`run_dir`'s files as the job names them (job/run_dir.py). Imported when first needed, not at the
+    top: this script starts on the standard library and torch, and its environment step reports a job
+    that does not import."""
+    from job.run_dir import RunDir
+
+    return RunDir(run_dir)
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    return sorted(int(p.name[5:14]) for p in (run_dir / "checkpoints").glob("step-*.pt"))
+    checkpoints = run_files(run_dir).checkpoints
+    return [checkpoints.step_of(p) for p in checkpoints.files()]
 
 
 def mid_run_checkpoint(run_dir: Path) -> tuple[int, Path]:
     """The middle one of a finished run's checkpoints written inside its training: (step, file)."""
-    final = json.loads((run_dir / "summary.json").read_text())["global_step"]
+    final = json.loads(run_files(run_dir).summary.read_text())["global_step"]
     inside = [step for step in checkpoint_steps(run_dir) if 0 < step < final]
     if not inside:
         raise Failed(f"{run_dir} holds no checkpoint from inside its training (final step {final})")
     step = inside[len(inside) // 2]
-    return step, run_dir / "checkpoints" / f"step-{step:09d}.pt"
+    return step, run_files(run_dir).checkpoints.path_for(step)
 
 
 def weights_equal(a: Path, b: Path) -> bool:
-    first, second = (torch.load(d / "model.pt", map_location="cpu", weights_only=True) for d in (a, b))
+    first, second = (torch.load(run_files(d).model, map_location="cpu", weights_only=True) for d in (a, b))
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def same_weights(a: Path, b: Path, what: str) -> None:
     if not weights_equal(a, b):
-        raise Failed(f"{what} end with different weights ({a / 'model.pt'} vs {b / 'model.pt'})")
+        raise Failed(f"{what} end with different weights ({run_files(a).model} vs {run_files(b).model})")
 
 
 def describe(summary: dict) -> str:
