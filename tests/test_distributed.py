@@ -43,7 +43,7 @@ def w2_run(tiny_root, tmp_path_factory):
 @pytest.mark.processes
 def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
     run_dir, _ = w2_run
-    # The contract's names, spelled here as users read them (README); every other test takes them from RunDir.
+    # The contract's names as users read them (docs/RUN-DIRECTORY.md); other tests take them from RunDir.
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
     assert len(list(RunDir(run_dir).tensorboard.iterdir())) == 1, "only rank 0 writes TensorBoard events"
     summary = read_summary(run_dir)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from job.dist import mean_in_rank_order
+from job.collectives import mean_in_rank_order
 from job.model import Net
 from job.process_exit import exit_now, keep_until_exit
 from job.seeding import configure_numerics
