@@ -358,7 +358,7 @@ def test_a_resume_reads_and_unpickles_each_checkpoint_once_per_process(reference
         killed_copy(reference, run_dir, last_step=9)
     if start == "damaged-newest":
         checkpoint(run_dir, 9).write_bytes(checkpoint(run_dir, 9).read_bytes()[:5000])
-    candidates = [*(run_dir / "checkpoints").glob("step-*.pt")] if run_dir.exists() else [checkpoint(reference, 6)]
+    candidates = RunDir(run_dir).checkpoints.files() if run_dir.exists() else [checkpoint(reference, 6)]
     names = {hashlib.sha256(path.read_bytes()).hexdigest(): path.name for path in candidates}
     log = tmp_path / "reads.jsonl"
     env = clean_env(
