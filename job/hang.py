@@ -92,15 +92,22 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
     (its host is rank 0's process, or torchrun's agent on rank 0's node).
 
     The exchange runs in a thread this rank stops waiting for: a TCPStore client whose server is
-    stopped (SIGSTOP) can wait in `get` past its own timeout (torch 2.14.1, measured)."""
+    stopped (SIGSTOP) can wait in `get` past its own timeout (torch 2.14.1, measured).
+
+    The rank whose process hosts the store (rank 0, unless an elastic agent hosts it) then keeps it
+    up for up to another wait, until every other rank has said it is done asking: the live ranks
+    time out up to seconds apart on a loaded host, and a host that exited after its own exchange
+    took the store from a rank still asking (3 ranks, rank 1 stopped, a CI host at load 9-14:
+    rank 2's line said "the store did not answer either", 1 run in about 3)."""
     import torch.distributed as dist
 
     wait_s = max(1, min(timeout_s, ANSWER_WAIT_S))
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     answers: dict[int, str] = {}
     done = threading.Event()
 
     def exchange() -> None:
-        key = "hang/rank/{}".format
+        key, asked = "hang/rank/{}".format, "hang/done/{}".format
         deadline = time.monotonic() + wait_s
         try:
             store = dist.distributed_c10d._get_default_store()
@@ -113,13 +120,25 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
                         heard[other] = store.get(key(other)).decode()
                 time.sleep(0.1)
             store.get(key(rank))  # a reply from the store itself: it is alive
+            store.set(asked(rank), "")
         except (RuntimeError, ValueError):  # DistStoreError, DistNetworkError subclass RuntimeError
             return
         answers.update(heard)
         done.set()
+        if hosts_store:  # the store is this process's own: asking it cannot block
+            others = [asked(other) for other in range(world_size) if other != rank]
+            keep_until = time.monotonic() + wait_s
+            while time.monotonic() < keep_until and not store.check(others):
+                time.sleep(0.1)
+        kept.set()
 
+    kept = threading.Event()
     threading.Thread(target=exchange, name="hang-report", daemon=True).start()
-    return answers if done.wait(wait_s + 5) else None
+    if not done.wait(wait_s + 5):
+        return None
+    if hosts_store:
+        kept.wait(wait_s + 5)
+    return answers
 
 
 def write_stacks(run_dir: Path, rank: int, error: BaseException) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import pty
 import re
@@ -575,3 +576,24 @@ def test_every_rank_exits_promptly_after_each_of_many_stops(tiny_root, tmp_path)
         assert code == EXIT_PREEMPTED, f"stop {attempt + 1}: exit {code}\n{output}"
         assert "forcefully exiting" not in output and "terminate called" not in output, output
     print(f"{STOP_LOOP} stops: {min(durations):.1f} to {max(durations):.1f} s each")
+
+
+@pytest.mark.processes
+def test_the_store_host_keeps_the_store_up_for_a_rank_that_asks_later(tmp_path):
+    """Issue 21, case 6, under load: the live ranks time out seconds apart. Rank 0's process hosts
+    the store and exits once it has its own answer; rank 2, asking 2 s later, must still reach the
+    store and hear rank 0 (on main it got no answer and its line blamed rank 0: CI, load 9-14)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(3):
+        env = clean_env(
+            RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="3",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
+        )  # fmt: skip
+        cmd = [sys.executable, str(REPO / "tests/probes/hang_late_asker.py")]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert json.loads(outputs[2][0]) == {"0": "step 7's collective", "2": "step 7's collective"}
