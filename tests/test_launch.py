@@ -134,8 +134,9 @@ def monitor_workers():
     return "unreached"
 
 seen = []
+sys.argv[1:] = ["--standalone", "train.py"]
 
-def torchrun():
+def torchrun(args=None):
     signal.signal(signal.SIGTERM, api._terminate_process_handler)  # as the agent's PContext.start does
     try:
         monitor_workers()
