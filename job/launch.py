@@ -39,12 +39,16 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from job import torch_private
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED
 from job.loopback import is_loopback, loopback_address, tcp_store
+
+T = TypeVar("T")
 
 FINAL_CODES = frozenset({EXIT_BAD_INPUT, EXIT_INTERRUPTED})
 """Worker exit codes after which the group is not restarted: bad input (a retry cannot help), and
@@ -193,7 +197,8 @@ def _outlive_the_rendezvous_host_by_a_grace(handler: object, count_waiting_nodes
     if first is not None:
         if time.monotonic() - first > STORE_HOST_GONE_GRACE_S:
             raise RendezvousConnectionError(
-                f"the rendezvous store stopped answering {STORE_HOST_GONE_GRACE_S:g} s ago: its host is gone"
+                f"the rendezvous store stopped answering {STORE_HOST_GONE_GRACE_S:g} s ago: "
+                "its host is gone, frozen or cut off"
             )
         return 0
     try:
@@ -201,6 +206,56 @@ def _outlive_the_rendezvous_host_by_a_grace(handler: object, count_waiting_nodes
     except RendezvousConnectionError:
         _unanswered_since[id(handler)] = time.monotonic()
         return 0
+
+
+STORE_ANSWER_MARGIN_S = 5.0
+"""How long past its own timeout (--rdzv-conf read_timeout, 60 s by default) a call to the rendezvous
+store may take before this launcher stops waiting for it (seconds): a store that answers at all
+answers within its timeout."""
+
+_silent_stores: dict[int, str] = {}
+"""The rendezvous backends (by id) whose store did not answer a call in time, with what that call
+found: they are asked no more."""
+
+
+def _answer_within_the_store_timeout(backend: object, timeout_s: float, ask: Callable[[], T]) -> T:
+    """The rendezvous store's answer to `ask()` within its own timeout (and STORE_ANSWER_MARGIN_S), or
+    RendezvousConnectionError, as from a store whose host is gone.
+
+    A TCPStore call to a server that keeps its connection open but never answers (its host stopped
+    by SIGSTOP, hung, or cut off without a reset) outlives its timeout: with torch 2.14.1 a `get` with a
+    5 s timeout still blocked after 180 s, and the agent of every other node then waited forever
+    (`make k8s-local-test`: 4.5 min after its worker gave up). So each call runs in a thread of its
+    own; one that has not returned in time is left there (a daemon thread), and its store is not
+    asked again: each further call would queue behind it. The agent then goes on as when the store's
+    host is gone (`_outlive_the_rendezvous_host_by_a_grace`): after STORE_HOST_GONE_GRACE_S it stops
+    its workers, and this launcher exits 1 with one line (`_launch`).
+    """
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    if id(backend) in _silent_stores:
+        raise RendezvousConnectionError(_silent_stores[id(backend)])
+    outcome: list[tuple[bool, object]] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, ask()))
+        except BaseException as e:  # handed to the caller as it is, as if raised there  # noqa: BLE001
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=call, name="rendezvous-store-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s + STORE_ANSWER_MARGIN_S)
+    if not outcome:
+        _silent_stores[id(backend)] = (
+            f"the rendezvous store did not answer within {timeout_s + STORE_ANSWER_MARGIN_S:g} s "
+            "(its timeout and a margin): its host is frozen, hung or cut off"
+        )
+        raise RendezvousConnectionError(_silent_stores[id(backend)])
+    answered, result = outcome[0]
+    if not answered:
+        raise result  # type: ignore[misc]
+    return result  # type: ignore[return-value]
 
 
 def _signal_groups(leaders: list[int], sig: signal.Signals) -> None:
@@ -233,6 +288,7 @@ def main() -> int:
 def _launch() -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import main as torchrun
 
     argv = torchrun_arguments(sys.argv[1:])
@@ -244,6 +300,7 @@ def _launch() -> int:
     torch_private.before_the_agent_stops_its_workers(_pass_a_second_ctrl_c_on)
     torch_private.create_agent_stores_with(tcp_store)
     torch_private.poll_waiting_nodes_through(_outlive_the_rendezvous_host_by_a_grace)
+    torch_private.bound_rendezvous_store_calls(_answer_within_the_store_timeout)
     _quiet_torch_notices_in_a_terminal()
     try:
         torchrun(argv)
@@ -255,9 +312,18 @@ def _launch() -> int:
         if e.sigval not in STOP_SIGNALS:
             raise
         return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
-    except Exception:
+    except Exception as e:
         if _stopped():  # torch's own error masked the stop (_remember_stop_signal)
             return EXIT_INTERRUPTED if _interrupted_twice else EXIT_PREEMPTED
+        if isinstance(e, RendezvousConnectionError) and (_silent_stores or _unanswered_since):
+            # The agent has stopped this node's workers (its `run` always does on the way out).
+            print(
+                f"job.launch: error: {e}; this node's workers were stopped: start the job again once the "
+                "store's host is back or replaced",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_FAILED
         raise
     return 0
 

@@ -47,7 +47,17 @@ DynamicRendezvousHandler._create_tcp_store_server (rendezvous/dynamic_rendezvous
     what      creates the store the agent shares with its workers (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1),
               called by `next_rendezvous`
     why, checked, upstream: as above
-DynamicRendezvousHandler.num_nodes_waiting (same file)
+C10dRendezvousBackend._call_store (rendezvous/c10d_rendezvous_backend.py)
+    what      every call the c10d rendezvous backend makes to its TCPStore (`get_state`, `set_state`:
+              joining, heartbeats, the agent's polls, closing), turning store errors into
+              RendezvousConnectionError
+    why       a call to a store whose host is frozen (SIGSTOP, a hung or cut-off node) never returns,
+              whatever its timeout (2.14.1: a `get` with a 5 s timeout still blocked after 180 s; the
+              agent then waits forever): the launcher gives each call the store's timeout and 5 s more
+              (job/launch.py `_answer_within_the_store_timeout`)
+    checked   2.13.0, 2.14.1
+    upstream  none found for a frozen server; related: pytorch/pytorch#53840 (closed): "TCPStore.wait hangs"
+DynamicRendezvousHandler.num_nodes_waiting (rendezvous/dynamic_rendezvous.py)
     what      polls the rendezvous store between looks at the workers (`_invoke_run`, while the group is
               healthy); raises RendezvousConnectionError when the store does not answer
     why       a node whose workers exit 2 just after the store's host left still reports 2 (job/launch.py
@@ -157,6 +167,11 @@ SHARED_STORE = Target(
     lost="the store a local run's agent shares with its workers listens on every interface "
     "(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 does without it)",
 )  # fmt: skip
+STORE_CALL = Target(
+    _C10D, "C10dRendezvousBackend._call_store", ("self", "store_op", "args", "kwargs"),
+    looked_up_by=f"{_C10D}:C10dRendezvousBackend.get_state", reads=("_store",),
+    lost="an agent whose rendezvous store's host froze (stopped, hung, cut off) waits for it forever",
+)  # fmt: skip
 NODES_WAITING = Target(
     _DYNAMIC, "DynamicRendezvousHandler.num_nodes_waiting", ("self",),
     looked_up_by=f"{_AGENT_API}:SimpleElasticAgent._invoke_run",
@@ -165,7 +180,7 @@ NODES_WAITING = Target(
 
 TARGETS = (
     MONITOR_WORKERS, SHUTDOWN_WORKERS, STOP_SIGNAL_HANDLER, CLOSE_RENDEZVOUS,
-    C10D_STORE, STATIC_STORE, SHARED_STORE, NODES_WAITING,
+    C10D_STORE, STATIC_STORE, SHARED_STORE, STORE_CALL, NODES_WAITING,
 )  # fmt: skip
 
 
@@ -344,3 +359,19 @@ def poll_waiting_nodes_through(poll: Callable[[object, Callable[[], int]], int])
         return num_nodes_waiting
 
     _replace(NODES_WAITING, make)
+
+
+def bound_rendezvous_store_calls(call: Callable[[object, float, Callable[[], Any]], Any]) -> None:
+    """Each call the c10d rendezvous backend makes to its store (`_call_store`: the state's get and
+    compare_set, for joining, heartbeats, polls and closing the rendezvous) becomes `call(the backend,
+    the store's timeout in seconds, torch's call)`."""
+
+    def make(call_store: Callable) -> Callable:
+        @functools.wraps(call_store)
+        def call_store_within(self, store_op, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            timeout_s = self._store.timeout.total_seconds()
+            return call(self, timeout_s, lambda: call_store(self, store_op, *args, **kwargs))
+
+        return call_store_within
+
+    _replace(STORE_CALL, make)

@@ -38,6 +38,7 @@ INSTALL: dict[str, Callable[[], None]] = {
     torch_private.C10D_STORE.label: install_stores,
     torch_private.STATIC_STORE.label: install_stores,
     torch_private.SHARED_STORE.label: install_stores,
+    torch_private.STORE_CALL.label: lambda: torch_private.bound_rendezvous_store_calls(lambda backend, s, ask: ask()),
     torch_private.NODES_WAITING.label: lambda: torch_private.poll_waiting_nodes_through(lambda handler, ask: ask()),
 }
 """The launcher's call that replaces each target (job/launch.py `_launch`); one call replaces all three stores."""
