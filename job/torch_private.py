@@ -76,8 +76,9 @@ still names it in its code (`co_names`), with the attributes the replacement rea
 torch's own object stays in place and the launcher prints one line naming what it cannot do on this
 torch, e.g. `job.launch: torch 2.15.0 changed LocalElasticAgent._monitor_workers (missing); a worker's
 exit 2 (bad input) is restarted like any failure, up to --max-restarts (plain torchrun behaviour)`:
-never a crash, never a silent change. "Checked on" means tests/test_torch_private.py's check and the
-launcher tests (tests/test_launch.py, test_listeners.py, test_faults.py, test_hosts.py) passed there.
+never a crash, never a silent change. "Checked on" means tests/test_torch_private.py, test_launch.py
+and test_listeners.py passed on that torch (2026-12-06: 2.14.1 as pinned, 2.13.0 as a CPU build);
+on 2.14.1 also test_hosts.py and test_faults.py's stop tests (SIGTERM, Ctrl-C).
 """
 
 from __future__ import annotations
