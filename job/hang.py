@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from job import torch_private
+
 HANG_DIR = "hang"
 ANSWER_WAIT_S = 30
 """The longest the live ranks wait for each other's answer after a timeout, seconds (less when
@@ -93,8 +95,6 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
 
     The exchange runs in a thread this rank stops waiting for: a TCPStore client whose server is
     stopped (SIGSTOP) can wait in `get` past its own timeout (torch 2.14.1, measured)."""
-    import torch.distributed as dist
-
     wait_s = max(1, min(timeout_s, ANSWER_WAIT_S))
     answers: dict[int, str] = {}
     done = threading.Event()
@@ -103,7 +103,7 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
         key = "hang/rank/{}".format
         deadline = time.monotonic() + wait_s
         try:
-            store = dist.distributed_c10d._get_default_store()
+            store = torch_private.default_store()
             store.set_timeout(timedelta(seconds=wait_s))
             store.set(key(rank), at.collective())
             heard = {rank: at.collective()}

@@ -1,6 +1,7 @@
-"""Every name inside torch's elastic agent that `python -m job.launch` replaces, in one place, each
-checked before it is replaced. job/launch.py decides what the launcher does (its docstring says why);
-this module knows where in torch that has to happen, and that torch promises none of it.
+"""Every private name of torch the job uses, in one place: the parts of torch's elastic agent that
+`python -m job.launch` replaces, each checked before it is replaced, and two functions the workers
+call. job/launch.py decides what the launcher does (its docstring says why); this module knows where
+in torch that has to happen, and that torch promises none of it.
 
 Each target, as a table (torch/distributed/elastic/ unless named otherwise; "checked on": the
 check below and the launcher tests passed on that torch; "upstream": the torch issue, if any, that
@@ -63,6 +64,22 @@ DynamicRendezvousHandler.num_nodes_waiting (rendezvous/dynamic_rendezvous.py)
     why       a node whose workers exit 2 just after the store's host left still reports 2 (job/launch.py
               `_outlive_the_rendezvous_host_by_a_grace`)
     checked   2.13.0, 2.14.1
+    upstream  none found
+
+Called, not replaced (in the job's workers; `functions` below, checked by `changes` too):
+
+distributed_c10d._get_default_store (torch/distributed/distributed_c10d.py)
+    what      the default process group's store
+    why       job/hang.py: after a collective timed out, each live rank says in it where it waited, so
+              the line names the rank that never answered; torch has no public accessor
+    checked   2.13.0, 2.14.1 (where missing: the hang line names no rank, as when the store is gone)
+    upstream  none found
+_weights_only_unpickler._get_allowed_globals (torch/_weights_only_unpickler.py)
+    what      the globals torch.load(weights_only=True) accepts by default
+    why       job/safe_io.py tells a checkpoint that is not weights-only (a pickle naming other globals)
+              apart from a damaged one before loading it; torch exposes only what a process added
+              (`torch.serialization.get_safe_globals`)
+    checked   2.13.0, 2.14.1 (where missing: job/safe_io.py's own short list)
     upstream  none found
 
 Not replaced: torch.distributed.run's `config_from_args` was, to name a local run's node by loopback;
@@ -239,7 +256,14 @@ def change(target: Target) -> str | None:
 def changes() -> dict[str, str]:
     """Each target that differs from when it was checked, by label: what differs. Empty on a torch
     the table lists."""
-    return {target.label: found for target in TARGETS if (found := change(target)) is not None}
+    found = {target.label: found for target in TARGETS if (found := change(target)) is not None}
+    for module, name in (DEFAULT_STORE, ALLOWED_GLOBALS):
+        try:
+            if not callable(_resolve(module, name)) or _parameters(_resolve(module, name)) != ():
+                found[name] = "not a function without parameters"
+        except (ImportError, AttributeError):
+            found[name] = "missing"
+    return found
 
 
 def _warn(target: Target, found: str) -> None:
@@ -376,3 +400,28 @@ def bound_rendezvous_store_calls(call: Callable[[object, float, Callable[[], Any
         return call_store_within
 
     _replace(STORE_CALL, make)
+
+
+# --- called, not replaced (the module docstring's second list) -------------------------------------
+
+DEFAULT_STORE = ("torch.distributed.distributed_c10d", "_get_default_store")
+ALLOWED_GLOBALS = ("torch._weights_only_unpickler", "_get_allowed_globals")
+
+
+def default_store() -> Any:  # noqa: ANN401 (a torch.distributed.Store)
+    """The default process group's store; RuntimeError where this torch has no such function (the
+    error a store that does not answer raises)."""
+    try:
+        get = _resolve(*DEFAULT_STORE)
+    except (ImportError, AttributeError):
+        raise RuntimeError("this torch has no distributed_c10d._get_default_store") from None
+    return get()
+
+
+def weights_only_default_globals() -> set[str] | None:
+    """The globals (`module.qualname`) torch's weights-only unpickler accepts by default; None where this
+    torch does not say."""
+    try:
+        return set(_resolve(*ALLOWED_GLOBALS)())
+    except (ImportError, AttributeError, TypeError):
+        return None
