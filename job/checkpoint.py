@@ -1,5 +1,20 @@
-"""The training checkpoint: its format (version, fields, recipe digest), its file names, and the
-run's checkpoints/ directory.
+"""The training checkpoint's one owner: where a run starts, what a checkpoint holds and whether it
+can be resumed, reading it (once per process), writing it, and what a resume changes.
+
+`Checkpoints` does all of it, on every rank, as torchtitan's CheckpointManager
+(torchtitan/components/checkpoint.py) does for its trainer: the Trainer only exposes its plain
+state (state_dict/load_state_dict) and knows nothing of the file. The walk of a resume:
+
+    Checkpoints.choose_start    rank 0, before the data step: the newest valid checkpoint of the
+                                run directory, or train.resume's file, read once (job/untrusted.py),
+                                unpickled once, checked (check_fields, then the recipe and
+                                train.epochs); the state is kept
+    Checkpoints.load_start      rank 0 sends the file's bytes; the other ranks unpickle them once;
+                                rank 0 hands on the state it kept
+    Checkpoints.resume          the data it trained on, Trainer.load_state_dict, every rank's RNG
+                                streams, and what else changed (world size, bit_environment)
+    Checkpoints.save            every rank's RNG streams gathered, Trainer.state_dict on rank 0,
+                                written atomically (job/safe_io.py), the newest checkpoint.keep kept
 
 A checkpoint is one flat dict, written with torch.save and read with
 `torch.load(weights_only=True)` (tensors and plain containers only):
@@ -15,25 +30,35 @@ A checkpoint is one flat dict, written with torch.save and read with
     environment       what the bits depend on besides the config (seeding.bit_environment);
                       absent from checkpoints written before it was recorded
 
-Files are `checkpoints/step-<global step, 9 digits>.pt`; the highest step is the newest.
+Files are `checkpoints/step-<global step, 9 digits>.pt`, the highest step the newest (job/run_dir.py:
+CheckpointDir names, lists, writes and prunes them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import re
+import logging
+from collections.abc import Callable, Sized
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from job.config import Config, get_dotted
-from job.errors import BadInputError, NewerFileError, RunFailedError, message_line
-from job.files import write_fix
+from job.config import Config, get_dotted, show
+from job.dist import DistContext, broadcast_bytes, gather_to_leader, on_some_ranks
+from job.errors import BadInputError, ConfigError, NewerFileError
+from job.files import not_a_regular_file, read_regular
+from job.model import state_shapes
 from job.progress import FIELDS as PROGRESS_FIELDS
 from job.progress import Progress
-from job.safe_io import atomic_save
+from job.run_dir import RunDir
+from job.seeding import bit_environment, reseed_rank_streams_after_resize, restore_rng_state, rng_state
+from job.untrusted import loads_weights_only, read_weights_file
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 
@@ -64,23 +89,22 @@ def recipe_digest(values: dict[str, Any]) -> str:
 
 
 def training_state(
-    model: dict[str, torch.Tensor],
-    optimizer: dict[str, Any],
-    progress: Progress,
+    trainer: dict[str, Any],
     world_size: int,
     train_samples: int,
     cfg: Config,
     rng: list[Any],
     environment: dict[str, Any],
 ) -> dict[str, Any]:
-    """A checkpoint's contents (see the module docstring), every tensor on the CPU: a checkpoint
-    written on a GPU then loads anywhere, without map_location."""
+    """A checkpoint's contents (see the module docstring) from the trainer's plain state (model,
+    optimizer, progress: Trainer.state_dict), every tensor on the CPU: a checkpoint written on a
+    GPU then loads anywhere, without map_location."""
     values = recipe(cfg)
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": to_cpu(model),
-        "optimizer": to_cpu(optimizer),
-        **progress.to_dict(),
+        "model": to_cpu(trainer["model"]),
+        "optimizer": to_cpu(trainer["optimizer"]),
+        **trainer["progress"],
         "world_size": world_size,
         "train_samples": train_samples,
         "recipe": values,
@@ -158,72 +182,260 @@ def _misfit(state: dict[str, Any], model_shapes: dict[str, tuple[int, ...]]) -> 
     return None
 
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-"""Key prefixes a wrapper adds to a state dict it saves: DistributedDataParallel/DataParallel
-(`module.`) and torch.compile (`_orig_mod.`). Weights saved through a wrapper are the same weights."""
+class Resumable(Protocol):
+    """What Checkpoints.resume needs of a trainer (job/train.py's Trainer): where it stands, its
+    epoch's length in steps, the training data (its size) and a way to take back its plain state."""
+
+    progress: Progress
+    num_batches: int
+    train_split: Sized
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def model_state_of(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
-    """The model's state_dict from a loaded model.pt (a state_dict) or a training checkpoint, with
-    wrapper prefixes (WRAPPER_PREFIXES) removed when every key carries one."""
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadInputError(f"checkpoint {path} holds no model state_dict; pass a model.pt or checkpoint file")
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(str(key).startswith(prefix) for key in state):
-                state = {str(key)[len(prefix) :]: value for key, value in state.items()}
-                stripped = True
-    return state
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint to resume from, on one rank: `name` for messages (rank 0: the file's path; the
+    other ranks never see the file) and its contents, checked on rank 0 (check_fields, the recipe,
+    train.epochs)."""
+
+    name: str
+    state: dict[str, Any]
 
 
-class CheckpointDir:
-    """A run's checkpoints/: `step-<global step>.pt` files, the highest step the newest.
+@dataclass(frozen=True)
+class _Chosen:
+    """Rank 0's choice: the checkpoint's path, its bytes (what the other ranks receive) and its
+    contents; for a run that has trained every epoch and written its results, `results` holds
+    summary.json's bytes."""
 
-    Only rank 0 writes here. A new checkpoint is complete on disk before the oldest
-    beyond `keep` is deleted, so a crash at any moment leaves at least one whole one.
+    path: Path
+    data: bytes
+    state: dict[str, Any]
+    results: bytes | None = None
+
+
+class Checkpoints:
+    """A run's checkpoints, on every rank: where the run starts (choose_start, finished_summary,
+    load_start), continuing a Trainer from one (resume) and writing them (save).
+
+    Rank 0 alone reads and writes the files; each file it considers is read once and unpickled
+    once, and the other ranks receive the chosen one's bytes (so ranks on hosts without the shared
+    volume resume too) and unpickle them once, weights only. Every refusal is one line naming the
+    fix, decided before anything is written, and nothing in the run directory is changed or
+    deleted by looking.
     """
 
-    _NAME = re.compile(r"^step-(\d{9})\.pt$")
+    def __init__(self, cfg: Config, ctx: DistContext, run: RunDir) -> None:
+        self.cfg, self.ctx, self.run = cfg, ctx, run
+        self.environment = bit_environment(ctx.device, ctx.world_size)
+        self.resumed_from: tuple[str, int] | None = None
+        """(the checkpoint, its world size) once resume() has run."""
+        self._chosen: _Chosen | None = None  # rank 0's, from choose_start until load_start
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    # --- where the run starts -------------------------------------------------------------------
 
-    def path_for(self, step: int) -> Path:
-        return self.path / f"step-{step:09d}.pt"
+    def choose_start(self) -> None:
+        """Rank 0 picks the checkpoint this run continues from (or a fresh start), reads and checks
+        it; the other ranks wait for the verdict. A JobError on rank 0 stops every rank."""
+        self._chosen = on_some_ranks(self.ctx, self.ctx.is_leader, "choosing where to start", self._choose)
 
-    @classmethod
-    def step_of(cls, path: Path) -> int | None:
-        """The global step a checkpoint file was written after; None for a file that is not one."""
-        match = cls._NAME.match(Path(path).name)
-        return int(match.group(1)) if match else None
+    def finished_summary(self) -> dict[str, Any] | None:
+        """On every rank: summary.json of a run started again after it finished (nothing to train,
+        nothing to write), else None."""
+        finished = broadcast_bytes(self.ctx, self._chosen.results if self._chosen else None)
+        return json.loads(finished) if finished else None
 
-    def files(self) -> list[Path]:
-        """Checkpoint files, oldest first (other files are not ours and are left alone)."""
-        if not self.path.is_dir():
-            return []
-        steps = [(step, p) for p in self.path.iterdir() if (step := self.step_of(p)) is not None]
-        return [p for _, p in sorted(steps)]
+    def load_start(self) -> Loaded | None:
+        """On every rank: the checkpoint chosen, None for a fresh start. Rank 0 sends the file's
+        bytes and hands on the state it has read and checked; the other ranks unpickle what they
+        receive (weights only)."""
+        chosen, self._chosen = self._chosen, None
+        raw = broadcast_bytes(self.ctx, chosen.data if chosen else None)
+        if chosen is not None:
+            return Loaded(str(chosen.path), chosen.state)
+        name = "the checkpoint rank 0 chose"
+        return Loaded(name, loads_weights_only(raw, name)) if raw else None
 
-    def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
-        """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`.
-        RunFailedError when the disk refuses the write (the previous checkpoints stay)."""
-        path = self.path_for(step)
+    def _choose(self) -> _Chosen | None:
+        """Rank 0: the checkpoint this run continues from, or None for a fresh start."""
+        run, mode = self.run, self.cfg.train.resume
+        if mode == "never":
+            _check_empty(run)
+            return None
+        own = run.checkpoints.files()
+        if own:
+            if mode != "auto":
+                log.info(f"{run.path} already holds checkpoints of its own: resuming from those, not from {mode}")
+            chosen = _newest_valid(own)
+        else:
+            _check_no_results(run)
+            if mode == "auto":
+                return None
+            chosen = _read_given(Path(mode))
+        self._check_continues(chosen.state, chosen.path)
+        if own and chosen.state["epochs_done"] >= self.cfg.train.epochs and not chosen.state["batches_done"]:
+            return dataclasses.replace(chosen, results=_finished_results(run))
+        return chosen
+
+    def _check_continues(self, state: dict[str, Any], path: Path) -> None:
+        """A checkpoint whose fields fit (check_fields) continues this config: same recipe, and
+        not past train.epochs. ConfigError otherwise."""
+        current = recipe(self.cfg)
+        if recipe_digest(current) != state["recipe_digest"]:
+            old = state["recipe"]
+            changed = [f"{k} {show(old.get(k))} -> {show(v)}" for k, v in current.items() if old.get(k) != v]
+            raise ConfigError(
+                f"cannot resume from {path}: the config changed in a way a resume cannot follow "
+                f"({', '.join(changed) or 'recipe digest differs'}); restore the old value(s), or start a new run "
+                "with run.name=<new name>"
+            )
+        done, epochs = state["epochs_done"] + (1 if state["batches_done"] else 0), self.cfg.train.epochs
+        if done > epochs:
+            raise ConfigError(
+                f"cannot resume from {path}: it has trained into epoch {done} but train.epochs={epochs}; "
+                f"set train.epochs >= {done}, or start a new run with run.name=<new name>"
+            )
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def resume(self, trainer: Resumable, loaded: Loaded) -> None:
+        """Continue `trainer` from `loaded`, on every rank: the data must be what it trained on
+        (ConfigError otherwise); each rank takes back its own RNG streams, or new ones at another
+        world size; rank 0 warns of what else the bits depend on that changed."""
+        state, name = loaded.state, loaded.name
+        if state["train_samples"] != len(trainer.train_split):
+            raise ConfigError(
+                f"cannot resume from {name}: it trained on {state['train_samples']} samples but the data now has "
+                f"{len(trainer.train_split)}; point data.root at the data it was trained on, or start a new run"
+            )
+        progress = {field: state[field] for field in PROGRESS_FIELDS}
+        trainer.load_state_dict({"model": state["model"], "optimizer": state["optimizer"], "progress": progress})
+        trainer.progress.resumes += 1
+        self.resumed_from = (name, state["world_size"])
+        self._take_back_rng_streams(state["rng"], state["world_size"], trainer.progress.global_step)
+        self._warn_of_environment_changes(state.get("environment", {}))
+        done = trainer.progress
+        if done.epochs_done < self.cfg.train.epochs:  # else Trainer.fit() says the run is complete
+            log.info(
+                f"Resuming from {name}: epoch {done.epochs_done + 1}, batch {done.batches_done}/"
+                f"{trainer.num_batches}, step {done.global_step}"
+            )
+
+    def _take_back_rng_streams(self, rng: list[Any], world_size: int, global_step: int) -> None:
+        """This rank's generator states from a checkpoint of `world_size` ranks; at another world
+        size, where old streams cannot map one-to-one onto the new ranks, new ones (rank 0 warns)."""
+        ctx = self.ctx
+        if world_size == ctx.world_size:
+            restore_rng_state(rng[ctx.rank], ctx.device)
+            return
+        reseed_rank_streams_after_resize(self.cfg.seed, ctx.rank, global_step)
+        if ctx.is_leader:
+            log.warning(
+                f"resuming a {world_size}-rank checkpoint on {ctx.world_size} ranks: the rest of "
+                "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
+                "weights will not equal an uninterrupted run's bit for bit"
+            )
+
+    def _warn_of_environment_changes(self, then: dict[str, Any]) -> None:
+        """Rank 0: one warning naming what the bits depend on (besides the world size, warned of
+        apart) that differs from when the checkpoint was written."""
+        changed = {
+            key: (old, self.environment.get(key))
+            for key, old in then.items()
+            if key != "world_size" and old != self.environment.get(key)
+        }
+        if changed and self.ctx.is_leader:
+            log.warning(
+                f"resuming a checkpoint written with {', '.join(f'{k}={old}' for k, (old, _) in changed.items())} "
+                f"under {', '.join(f'{k}={new}' for k, (_, new) in changed.items())}: the run continues, but its "
+                "weights will not equal an uninterrupted run's bit for bit"
+            )
+
+    # --- saving ---------------------------------------------------------------------------------
+
+    def save(
+        self, step: int, trainer_state: Callable[[], dict[str, Any]], train_samples: int, then: Callable[[], None]
+    ) -> None:
+        """The checkpoint of `step`, on every rank: each hands rank 0 its RNG streams; rank 0 writes
+        `trainer_state()` (Trainer.state_dict) with them atomically, keeps the newest
+        checkpoint.keep, then calls `then()`. A failure there (RunFailedError for a refused write)
+        stops every rank."""
+        rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
+
+        def write() -> None:
+            state = training_state(trainer_state(), self.ctx.world_size, train_samples, self.cfg, rng, self.environment)
+            self.run.checkpoints.save(state, step, self.cfg.checkpoint.keep)
+            then()
+
+        on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
+
+
+def _finished_results(run: RunDir) -> bytes | None:
+    """summary.json's bytes when a run that trained every epoch also wrote its results (else None:
+    the job evaluates the final checkpoint again and writes them)."""
+    if not_a_regular_file(run.model) or not_a_regular_file(run.summary):
+        return None
+    try:
+        data = read_regular(run.summary, "", "")
+        return data if "test_accuracy" in json.loads(data) else None
+    except (BadInputError, ValueError, TypeError):  # unreadable or not ours: written again
+        return None
+
+
+def _read(path: Path) -> _Chosen:
+    """A checkpoint file read (once) and unpickled (once, weights only), its fields checked."""
+    data = read_weights_file(path)
+    state = loads_weights_only(data, path)
+    check_fields(state, path, state_shapes())
+    return _Chosen(path, data, state)
+
+
+def _read_given(path: Path) -> _Chosen:
+    why = not_a_regular_file(path)
+    if why:
+        raise BadInputError(f"train.resume={path} {why}; pass a checkpoint file, or auto / never")
+    return _read(path)
+
+
+def _check_empty(run: RunDir) -> None:
+    held = sorted(p.name for p in run.contents())
+    if held:
+        raise BadInputError(
+            f"run directory {run.path} is not empty (holds {', '.join(held[:4])}) and train.resume=never; pass "
+            "run.name=<new name> or run.dir=<new dir>, set train.resume=auto to continue it, or delete it to start over"
+        )
+
+
+def _check_no_results(run: RunDir) -> None:
+    """No checkpoint to resume from: a fresh start may replace the leftovers of a run that died
+    before its first checkpoint, but never a finished run's results."""
+    results = run.results()
+    if results:
+        raise BadInputError(
+            f"run directory {run.path} holds results ({', '.join(p.name for p in results)}) but no checkpoint to "
+            "resume from; pass run.name=<new name> or run.dir=<new dir>, or delete it to start over"
+        )
+
+
+def _newest_valid(files: list[Path]) -> _Chosen:
+    """The newest checkpoint that loads weights-only and holds a whole training state; damaged
+    ones are reported and skipped, never deleted. One written by a newer torch or job version
+    stops the search (NewerFileError): it is not damaged, and resuming from an older checkpoint
+    would overwrite it with less progress."""
+    for path in reversed(files):
         try:
-            atomic_save(state, path)
-        except OSError as e:
-            raise RunFailedError(
-                f"cannot write checkpoint {path} ({e.strerror or message_line(e)}); the previous checkpoints are "
-                f"intact: {write_fix(e)} (or lower checkpoint.keep) and start the job again to resume"
+            return _read(path)
+        except NewerFileError as e:
+            if path == files[0]:
+                raise
+            raise NewerFileError(
+                f"{e}; the run stopped rather than resume from an older checkpoint and later write over this one"
             ) from None
-        for old in self.files()[:-keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def remove_partial_writes(self) -> None:
-        """Temporary files of a writer that died mid-write (never a checkpoint anyone reads)."""
-        if self.path.is_dir():
-            for tmp in self.path.glob(".step-*.tmp"):
-                tmp.unlink(missing_ok=True)
+        except BadInputError as e:
+            log.warning(f"skipping checkpoint {path.name}: {e}; trying the one before it")
+            continue
+    raise BadInputError(
+        f"none of the {len(files)} checkpoint(s) in {files[0].parent} can be loaded (see the warnings above); "
+        "nothing was deleted: move them away to start over, or set train.resume=<checkpoint file>"
+    )

@@ -1,7 +1,7 @@
 """The job's configuration: typed dataclasses, YAML loading, KEY=VALUE overrides, validation.
 
-Every field has a one-line docstring below it; README's configuration reference
-lists the same keys (a test keeps the two in step).
+Every field has a one-line docstring below it; docs/CONFIG.md's reference lists the same keys
+at the same defaults (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -144,7 +144,6 @@ class Config:
         return Path(self.run.dir) if self.run.dir is not None else Path("runs") / self.run.name
 
 
-# key -> (check, what the value must be). Checked after types, so each check sees its type.
 def _between(low: float, high: float) -> typing.Callable[[Any], bool]:
     return lambda v: low <= v <= high
 
@@ -154,7 +153,7 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 # key -> (check, what the value must be). Checked after types, so each check sees its type, and
 # every number must be finite (NaN fails every comparison; infinity fails the upper bounds).
-# The bounds are README's configuration reference; upper ones keep a typo from meaning a
+# The bounds are docs/CONFIG.md's ranges; upper ones keep a typo from meaning a
 # week-long run or a huge allocation.
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),

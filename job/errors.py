@@ -2,14 +2,7 @@
 
 The exit code is the error's kind, so launchers and cluster policies can tell them apart
 (a Kubernetes podFailurePolicy, Slurm's RequeueExit, job.launch's no-restart rule):
-- BadInputError, exit 2: the config, the data, the launcher environment, a path or a file
-  is wrong. Retrying cannot help; the message says how to fix it.
-- RunFailedError, exit 1: the input was fine but the run could not go on (a peer lost, a
-  disk full). A restart may help, and resumes from the newest checkpoint.
-- PreemptedError, exit 75 (EX_TEMPFAIL, "try again later"): stopped on request (SIGTERM)
-  after writing a checkpoint. Starting the same command again resumes.
-- Exit 130 (128 + SIGINT, the shells' convention): a second Ctrl-C stopped the job at once,
-  without waiting for a checkpoint; the newest one resumes.
+What each code means and what the launchers make of it: docs/EXIT-CODES.md (the one table).
 Raise one of these (or a subclass) so that the exit code shows where the error is raised;
 JobError is only the base the CLI catches.
 """

@@ -17,12 +17,7 @@ failure is still restarted by torchrun's elastic agent, up to --max-restarts: a 
 crash, and workers that stopped after a checkpoint (75) because a peer on another host was
 preempted (the restarted group waits in the rendezvous for that host's replacement). A stop
 asked of this launcher itself (SIGTERM) is not restarted. The exit status is the job's own
-(job/errors.py):
-  2   a worker exited 2: bad input, retrying cannot help
-  75  the workers stopped after a checkpoint (75), or SIGTERM or Ctrl-C stopped this
-      launcher (its workers checkpoint first): start the same command again to resume
-  130 a second Ctrl-C stopped the workers at once, without a checkpoint of that moment
-  1   anything else: a run-time failure (a retry may help)
+(2, 75, 130, else 1; `exit_code` below): docs/EXIT-CODES.md.
 In a terminal, torch's own notices around a stop ("Received 2 death signal, shutting down
 workers", "Sending process N closing signal SIGINT") are left out; LOGLEVEL=WARNING shows them.
 

@@ -1,5 +1,5 @@
 """Keeping a run whose processes all live on this host off the network: its sockets listen on
-loopback only (README: What listens where).
+loopback only (docs/LAUNCHING.md: What listens where).
 
 What torch does by itself (2.14.1):
 - A TCPStore server listens on every interface: the libuv server binds `::`, else `0.0.0.0`

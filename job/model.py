@@ -4,14 +4,35 @@ and loading its saved weights."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.checkpoint import model_state_of
 from job.errors import BadInputError, message_line
-from job.safe_io import load_weights
+from job.untrusted import load_weights
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes a wrapper adds to a state dict it saves: DistributedDataParallel/DataParallel
+(`module.`) and torch.compile (`_orig_mod.`). Weights saved through a wrapper are the same weights."""
+
+
+def model_state_of(obj: Any, path: str | Path) -> dict[str, torch.Tensor]:
+    """The model's state_dict from a loaded model.pt (a state_dict) or a training checkpoint (its
+    `model` field, job/checkpoint.py), with wrapper prefixes (WRAPPER_PREFIXES) removed when every
+    key carries one."""
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"checkpoint {path} holds no model state_dict; pass a model.pt or checkpoint file")
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(str(key).startswith(prefix) for key in state):
+                state = {str(key)[len(prefix) :]: value for key, value in state.items()}
+                stripped = True
+    return state
 
 
 class Net(nn.Module):

@@ -1,4 +1,4 @@
-"""The run directory's contract: every file a run writes there, named once (README: "The run directory").
+"""The run directory's contract: every file a run writes there, named once (docs/RUN-DIRECTORY.md).
 
 Training (rank 0 only) writes config.yaml, metrics.jsonl, tb/, checkpoints/ (and mlflow_run.json
 when tracking), then model.pt and summary.json at the end; `python -m job plot` writes plots/.
@@ -16,10 +16,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from job.checkpoint import CheckpointDir
-from job.errors import BadInputError, RunFailedError
+from job.errors import BadInputError, RunFailedError, message_line
 from job.files import open_no_follow, refuse_symlinks, write_error_kind, write_fix
+from job.safe_io import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -264,3 +265,53 @@ class RunDirLock:
     def _remove_if_created(self) -> None:
         if self._created and self.run.path.is_dir() and not any(self.run.path.iterdir()):
             self.run.path.rmdir()
+
+
+class CheckpointDir:
+    """A run's checkpoints/: `step-<global step>.pt` files, the highest step the newest.
+
+    Only rank 0 writes here. A new checkpoint is complete on disk before the oldest
+    beyond `keep` is deleted, so a crash at any moment leaves at least one whole one.
+    """
+
+    _NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def path_for(self, step: int) -> Path:
+        return self.path / f"step-{step:09d}.pt"
+
+    @classmethod
+    def step_of(cls, path: Path) -> int | None:
+        """The global step a checkpoint file was written after; None for a file that is not one."""
+        match = cls._NAME.match(Path(path).name)
+        return int(match.group(1)) if match else None
+
+    def files(self) -> list[Path]:
+        """Checkpoint files, oldest first (other files are not ours and are left alone)."""
+        if not self.path.is_dir():
+            return []
+        steps = [(step, p) for p in self.path.iterdir() if (step := self.step_of(p)) is not None]
+        return [p for _, p in sorted(steps)]
+
+    def save(self, state: dict[str, Any], step: int, keep: int) -> Path:
+        """Write `state` as the checkpoint of `step`, then delete all but the newest `keep`.
+        RunFailedError when the disk refuses the write (the previous checkpoints stay)."""
+        path = self.path_for(step)
+        try:
+            atomic_save(state, path)
+        except OSError as e:
+            raise RunFailedError(
+                f"cannot write checkpoint {path} ({e.strerror or message_line(e)}); the previous checkpoints are "
+                f"intact: {write_fix(e)} (or lower checkpoint.keep) and start the job again to resume"
+            ) from None
+        for old in self.files()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def remove_partial_writes(self) -> None:
+        """Temporary files of a writer that died mid-write (never a checkpoint anyone reads)."""
+        if self.path.is_dir():
+            for tmp in self.path.glob(".step-*.tmp"):
+                tmp.unlink(missing_ok=True)

@@ -76,10 +76,10 @@ distributed_c10d._get_default_store (torch/distributed/distributed_c10d.py)
     upstream  none found
 _weights_only_unpickler._get_allowed_globals (torch/_weights_only_unpickler.py)
     what      the globals torch.load(weights_only=True) accepts by default
-    why       job/safe_io.py tells a checkpoint that is not weights-only (a pickle naming other globals)
+    why       job/untrusted.py tells a checkpoint that is not weights-only (a pickle naming other globals)
               apart from a damaged one before loading it; torch exposes only what a process added
               (`torch.serialization.get_safe_globals`)
-    checked   2.13.0, 2.14.1 (where missing: job/safe_io.py's own short list)
+    checked   2.13.0, 2.14.1 (where missing: job/untrusted.py's own short list)
     upstream  none found
 
 Not replaced: torch.distributed.run's `config_from_args` was, to name a local run's node by loopback;

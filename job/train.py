@@ -1,17 +1,20 @@
 """The loop: data and run directory prepared once, DDP training, exact distributed evaluation.
 
-Read top to bottom it is the tutorial's recipe: build the net, then for each epoch
-train over the shuffled training set and test on the full test set.
+Read top to bottom: run_training (the job on one rank, start to end), then the Trainer (the
+tutorial's recipe: build the net, then for each epoch train over the shuffled training set and
+test on the full test set), then the helpers they call. Checkpoints, and where a run starts,
+are job/checkpoint.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import data
-from job.checkpoint import training_state
+from job.checkpoint import Checkpoints
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
@@ -28,9 +31,7 @@ from job.device import compile_toolchain_missing, quiet_compiler
 from job.dist import (
     DistContext,
     all_reduce_sum,
-    broadcast_bytes,
     distributed,
-    gather_to_leader,
     mean_in_rank_order,
     on_some_ranks,
     peer_lost_error,
@@ -45,19 +46,10 @@ from job.preemption import STOP_VOTE_EVERY_STEPS, StopRequest, StopVote
 from job.process_exit import keep_until_exit
 from job.progress import Progress
 from job.provenance import source_commit
-from job.resume import find_resume_source
 from job.run_dir import RunDir, RunDirLock
-from job.safe_io import atomic_save, atomic_write_json, atomic_write_text, loads_weights_only
+from job.safe_io import atomic_save, atomic_write_json, atomic_write_text
 from job.same_run import check_same_run, run_identity
-from job.seeding import (
-    bit_environment,
-    configure_numerics,
-    reseed_rank_streams_after_resize,
-    restore_rng_state,
-    rng_state,
-    seed_parameter_init,
-    seed_rank_streams,
-)
+from job.seeding import bit_environment, configure_numerics, seed_parameter_init, seed_rank_streams
 from job.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -71,84 +63,40 @@ FIGURE_DIGITS = 6
 """Test digits drawn with label and prediction, as in the tutorial's figure."""
 
 
-def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:
-    """Fetch (once per host, the other local ranks wait) and load the requested splits on every rank."""
-    fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify)
-    on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
-    limits = {"train": cfg.data.train_limit, "test": None}
-    loaded = {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
-    if cfg.speed.data_on_device:  # batches are then gathered on the device: no host-to-device copy per step
-        loaded = {name: split.to(ctx.device) for name, split in loaded.items()}
-    return loaded
-
-
-def prepare_run_dir(cfg: Config, resuming: bool, environment: dict[str, Any]) -> None:
-    """Rank 0, once the start is decided and the data is ready: the run directory with the
-    resolved config.yaml (headed by what else the bits depend on, as a comment) and
-    checkpoints/ (minus the temporary file of a writer that died)."""
-    run = RunDir(cfg.run_dir)
-    if not resuming and run.checkpoints.files():  # appeared during the data step: another job writes here
-        raise BadInputError(
-            f"run directory {run.path} gained checkpoints while this job started; is another job using it?"
-        )
-    try:
-        run.checkpoints.path.mkdir(parents=True, exist_ok=True)
-        run.checkpoints.remove_partial_writes()
-        ran_with = ", ".join(f"{key} {value}" for key, value in environment.items())
-        header = f"# Ran with {ran_with}: with this config, what the weights' bits depend on.\n"
-        atomic_write_text(run.config, header + dump_config(cfg))
-    except OSError as e:
-        raise BadInputError(
-            f"cannot write run directory {run.path} ({e.strerror}); set run.dir to a writable path"
-        ) from None
-
-
-def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_size: int) -> dict[str, Any]:
-    """Exact test figures at any world size: each rank scores a disjoint, unpadded shard and
-    the sums (loss, correct, count) are added over ranks."""
-    shard = data.test_shard(len(split), ctx.rank, ctx.world_size)
-    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    model.eval()
-    with torch.no_grad():
-        for start in range(shard.start, shard.stop, batch_size):
-            stop = min(start + batch_size, shard.stop)
-            images = split.images[start:stop].to(ctx.device, non_blocking=True)
-            labels = split.labels[start:stop].to(ctx.device, non_blocking=True)
-            output = model(images)
-            sums[0] += F.nll_loss(output, labels, reduction="sum").double()
-            sums[1] += (output.argmax(dim=1) == labels).sum()
-            sums[2] += len(labels)
-    loss_sum, correct, count = all_reduce_sum(sums).tolist()
-    return {
-        "test_loss": loss_sum / count,
-        "test_accuracy": correct / count,
-        "correct": int(correct),
-        "count": int(count),
-    }
-
-
-def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Module]:
-    """The tutorial's net on this rank's device, from the global generator's current state, and
-    what the training step calls: its DDP wrapper (a single rank has nothing to average: the net
-    itself, the same bits without DDP's per-step bookkeeping), compiled if asked."""
-    model = Net(dropout=cfg.model.dropout).to(ctx.device)
-    if cfg.speed.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model: torch.nn.Module = model
-    if ctx.world_size > 1:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        step_model = DistributedDataParallel(model, device_ids=device_ids)
-        step_model.register_comm_hook(None, mean_in_rank_order)
-    if cfg.speed.compile:
-        step_model = torch.compile(step_model)
-    return model, step_model
+def run_training(cfg: Config) -> dict[str, Any]:
+    """`python -m job train`: the whole job on this rank; returns the summary."""
+    env = read_launch_env()
+    rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
+    configure_numerics(cfg.deterministic, cfg.speed.tf32)
+    flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
+    with distributed(cfg.dist, env) as ctx:
+        start_rank(cfg, ctx)
+        with lost_peers_in_one_line(cfg, ctx), run_dir_locked(ctx, RunDir(cfg.run_dir)):
+            # Where to start is decided before the data step (which may download for minutes) and the
+            # run directory written after it, so bad input never leaves a half-made or damaged one behind.
+            checkpoints = Checkpoints(cfg, ctx, RunDir(cfg.run_dir))
+            checkpoints.choose_start()
+            tracking = connect_tracking(cfg, ctx)
+            summary = checkpoints.finished_summary()
+            if summary is not None:  # a run started again after it finished: nothing to train, nothing to write
+                report_finished_run(cfg, ctx, summary, tracking)
+            else:
+                start = checkpoints.load_start()
+                trainer = Trainer(cfg, ctx, prepare_data(cfg, ctx, splits=("train", "test")), checkpoints)
+                trainer.tracking = tracking
+                if start is not None:
+                    checkpoints.resume(trainer, start)
+                prepare_run_dir(cfg, ctx, trainer.environment)
+                summary = trainer.fit()
+        log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
+        return summary
 
 
 class Trainer:
     """The model, its optimizer and the position in training, for one rank."""
 
-    def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split]) -> None:
-        self.cfg, self.ctx, self.run = cfg, ctx, RunDir(cfg.run_dir)
+    def __init__(self, cfg: Config, ctx: DistContext, splits: dict[str, data.Split], checkpoints: Checkpoints) -> None:
+        self.cfg, self.ctx, self.run, self.checkpoints = cfg, ctx, RunDir(cfg.run_dir), checkpoints
         self.train_split, self.test_split = splits["train"], splits["test"]
         self.rank_batch = rank_batch_size(cfg.data.global_batch_size, ctx.world_size)
         self.sampler = data.train_sampler(len(self.train_split), ctx.rank, ctx.world_size, cfg.seed)
@@ -171,7 +119,6 @@ class Trainer:
 
         self.progress = Progress()
         self.environment = bit_environment(ctx.device, ctx.world_size)
-        self.resumed_from: tuple[str, int] | None = None  # (checkpoint, its world size)
         self.metrics: NullMetrics = NullMetrics()
         self.tracking: Tracking | None = None  # rank 0's MLflow run (tracking.mlflow)
 
@@ -198,8 +145,8 @@ class Trainer:
     def open_metrics(self) -> None:
         """Rank 0: metrics.jsonl and TensorBoard, picking up where the checkpoint left them."""
         self.metrics = Metrics(self.run, start_step=self.progress.global_step)
-        if self.resumed_from:
-            name, world_size = self.resumed_from
+        if self.checkpoints.resumed_from:
+            name, world_size = self.checkpoints.resumed_from
             self.metrics.resume(
                 self.progress.global_step, self.progress.epochs_done + 1, name, self.ctx.world_size, world_size
             )
@@ -348,78 +295,42 @@ class Trainer:
         return digit_grid(data.denormalize(images.cpu()), labels, predictions)
 
     def save_checkpoint(self) -> float:
-        """Every rank hands rank 0 its RNG streams; rank 0 writes. Returns the seconds it took
-        (kept out of the training throughput)."""
-        start = time.perf_counter()
-        rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
+        """Every rank hands its RNG streams to the checkpoint, rank 0 writes it (job/checkpoint.py).
+        Returns the seconds it took (kept out of the training throughput)."""
+        start, step = time.perf_counter(), self.progress.global_step
 
-        def write() -> None:
+        def state() -> dict[str, Any]:  # rank 0
             self.metrics.check()
-            self.run.checkpoints.save(self.state_dict(rng), self.progress.global_step, self.cfg.checkpoint.keep)
-            if self.tracking:  # the points this checkpoint covers: a resume never logs them again
-                self.tracking.sync(self.progress.global_step)
+            return self.state_dict()
 
-        on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
+        def written() -> None:  # the points this checkpoint covers: a resume never logs them again
+            if self.tracking:
+                self.tracking.sync(step)
+
+        self.checkpoints.save(step, state, len(self.train_split), then=written)
         return time.perf_counter() - start
 
-    def state_dict(self, rng: list[Any]) -> dict[str, Any]:
-        """Everything a resume needs (the checkpoint format: job/checkpoint.py); `rng` holds every
-        rank's generator states, in rank order (rank 0 gathers them)."""
-        return training_state(
-            model=self.finite_model_state(),
-            optimizer=self.optimizer.state_dict(),
-            progress=self.progress,
-            world_size=self.ctx.world_size,
-            train_samples=len(self.train_split),
-            cfg=self.cfg,
-            rng=rng,
-            environment=self.environment,
-        )
+    def state_dict(self) -> dict[str, Any]:
+        """What this rank's training state is (plain containers; the checkpoint file's format is
+        job/checkpoint.py's): the finite weights (RunFailedError otherwise), the optimizer's state
+        and the position in training."""
+        return {
+            "model": self.finite_model_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": self.progress.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back a state_dict() (checked by job/checkpoint.py's Checkpoints, which restores the RNG streams)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress.from_dict(state["progress"])
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights on the CPU in the default memory layout, whatever device and speed.channels_last
         trained them, so model.pt means the same to every reader: a plain torch.load on a host without
         GPUs, safetensors (which refuses strided tensors)."""
         return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
-
-    def load_state_dict(self, state: dict[str, Any], name: str) -> None:
-        """Continue from a checkpoint (checked by resume.check_resumable on rank 0)."""
-        if state["train_samples"] != len(self.train_split):
-            raise ConfigError(
-                f"cannot resume from {name}: it trained on {state['train_samples']} samples but the data now has "
-                f"{len(self.train_split)}; point data.root at the data it was trained on, or start a new run"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.progress = Progress.from_dict(state)
-        self.progress.resumes += 1
-        self.resumed_from = (name, state["world_size"])
-        if state["world_size"] == self.ctx.world_size:
-            restore_rng_state(state["rng"][self.ctx.rank], self.ctx.device)
-        else:
-            reseed_rank_streams_after_resize(self.cfg.seed, self.ctx.rank, self.progress.global_step)
-            if self.ctx.is_leader:
-                log.warning(
-                    f"resuming a {state['world_size']}-rank checkpoint on {self.ctx.world_size} ranks: the rest of "
-                    "the epoch covers exactly the samples not yet seen, but the dropout streams are new, so the "
-                    "weights will not equal an uninterrupted run's bit for bit"
-                )
-        changed = {
-            key: (then, self.environment.get(key))
-            for key, then in state.get("environment", {}).items()
-            if key != "world_size" and then != self.environment.get(key)
-        }
-        if changed and self.ctx.is_leader:
-            log.warning(
-                f"resuming a checkpoint written with {', '.join(f'{k}={old}' for k, (old, _) in changed.items())} "
-                f"under {', '.join(f'{k}={new}' for k, (_, new) in changed.items())}: the run continues, but its "
-                "weights will not equal an uninterrupted run's bit for bit"
-            )
-        if self.progress.epochs_done < self.cfg.train.epochs:  # else fit() says the run is complete
-            log.info(
-                f"Resuming from {name}: epoch {self.progress.epochs_done + 1}, batch {self.progress.batches_done}/"
-                f"{self.num_batches}, step {self.progress.global_step}"
-            )
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         """summary.json: the final test figures, the position reached, and what ran it."""
@@ -437,43 +348,150 @@ class Trainer:
         }
 
 
-def run_training(cfg: Config) -> dict[str, Any]:
-    """`python -m job train`: the whole job on this rank; returns the summary."""
-    env = read_launch_env()
-    rank_batch_size(cfg.data.global_batch_size, env.world_size)  # before any side effect
-    configure_numerics(cfg.deterministic, cfg.speed.tf32)
-    flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
-    with distributed(cfg.dist, env) as ctx:
-        keep_process_groups(ctx)
-        setup_logging(ctx.rank, ctx.world_size)
-        check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
-        if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
-            on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
-            quiet_compiler()
-        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        log.info(
-            f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
-            f"{torch.get_num_threads()} thread(s) per rank"
-            + (f" ({threads_decided_by(ctx)})" if ctx.device.type == "cpu" else "")
-            + f", run directory {cfg.run_dir}"
-            + (f", restart {restarts}" if restarts != "0" else "")
+def start_rank(cfg: Config, ctx: DistContext) -> None:
+    """This rank's logging, then the checks every rank passes before any step or write (the same
+    run on every rank, the compiler toolchain), then the opening line."""
+    keep_process_groups(ctx)
+    setup_logging(ctx.rank, ctx.world_size)
+    check_same_run(ctx, run_identity(cfg, bit_environment(ctx.device, ctx.world_size)))  # before any step or write
+    if cfg.speed.compile:  # every rank checks its own host; all stop if one lacks a tool
+        on_some_ranks(ctx, True, "checking the compiler toolchain", lambda: check_compile_toolchain(ctx.device))
+        quiet_compiler()
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    log.info(
+        f"Training on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device.type}, "
+        f"{torch.get_num_threads()} thread(s) per rank"
+        + (f" ({threads_decided_by(ctx)})" if ctx.device.type == "cpu" else "")
+        + f", run directory {cfg.run_dir}"
+        + (f", restart {restarts}" if restarts != "0" else "")
+    )
+    if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
+        log.warning(
+            f"the CPU kernels run {cpu_capability()}, not the portable AVX2 (torch was loaded before the job "
+            "pinned them, or ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA/MKL_ENABLE_INSTRUCTIONS are set): the "
+            "bits will differ from other hosts'; start the job as `python -m job train`"
         )
-        if ctx.device.type == "cpu" and ctx.is_leader and pin_missed(cfg.speed.native_cpu_kernels):
-            log.warning(
-                f"the CPU kernels run {cpu_capability()}, not the portable AVX2 (torch was loaded before the job "
-                "pinned them, or ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA/MKL_ENABLE_INSTRUCTIONS are set): the "
-                "bits will differ from other hosts'; start the job as `python -m job train`"
-            )
-        try:
-            summary = _train(cfg, ctx)
-        except RuntimeError as e:
-            where = (ctx.at, ctx.rank, ctx.world_size, cfg.dist.timeout_s, cfg.run_dir, ctx.backend, e)
-            lost = peer_lost_error(e, cfg.dist.timeout_s, functools.partial(hang_report, *where))
-            if lost is None:
-                raise
-            raise lost from None
-        log.info(f"Done: test accuracy {summary['test_accuracy']:.4f}, results in {cfg.run_dir}")
-        return summary
+
+
+@contextlib.contextmanager
+def run_dir_locked(ctx: DistContext, run: RunDir) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (job/run_dir.py) for the whole run; every rank stops
+    if it cannot be taken."""
+    lock = RunDirLock(run)
+    on_some_ranks(ctx, ctx.is_leader, "locking the run directory", lock.acquire)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def lost_peers_in_one_line(cfg: Config, ctx: DistContext) -> Iterator[None]:
+    """A collective that failed because of a peer ends in one line (PeerLostError, with a hang
+    report after a timeout); any other RuntimeError is a bug and keeps its traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        where = (ctx.at, ctx.rank, ctx.world_size, cfg.dist.timeout_s, cfg.run_dir, ctx.backend, e)
+        lost = peer_lost_error(e, cfg.dist.timeout_s, functools.partial(hang_report, *where))
+        if lost is None:
+            raise
+        raise lost from None
+
+
+def report_finished_run(cfg: Config, ctx: DistContext, summary: dict[str, Any], tracking: Tracking | None) -> None:
+    """A run started again after it finished: say so, and send MLflow what an earlier end could not."""
+    log.info(
+        f"{cfg.run_dir} holds a finished run ({summary.get('epochs')} epochs, step {summary.get('global_step')}): "
+        "nothing to do, nothing written; train more with a higher train.epochs, or start another run with "
+        "run.name=<new name>"
+    )
+    if cfg.tracking.mlflow:  # what an earlier end could not send
+        on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
+
+
+def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:
+    """Fetch (once per host, the other local ranks wait) and load the requested splits on every rank."""
+    fetch = functools.partial(data.ensure_mnist, cfg.data.root, cfg.data.download, cfg.data.verify)
+    on_some_ranks(ctx, ctx.is_local_leader, "preparing MNIST", fetch)
+    limits = {"train": cfg.data.train_limit, "test": None}
+    loaded = {split: data.load_split(cfg.data.root, split, limits[split]) for split in splits}
+    if cfg.speed.data_on_device:  # batches are then gathered on the device: no host-to-device copy per step
+        loaded = {name: split.to(ctx.device) for name, split in loaded.items()}
+    return loaded
+
+
+def connect_tracking(cfg: Config, ctx: DistContext) -> Tracking | None:
+    """Rank 0's MLflow run (tracking.mlflow), None elsewhere or when off. The server is asked
+    before anything is written: unreachable is bad input (exit 2)."""
+    connect = functools.partial(Tracking.connect, cfg)
+    return on_some_ranks(ctx, ctx.is_leader and cfg.tracking.mlflow, "connecting to the MLflow server", connect)
+
+
+def prepare_run_dir(cfg: Config, ctx: DistContext, environment: dict[str, Any]) -> None:
+    """Once the start is decided and the data is ready, rank 0 writes the run directory (every
+    rank stops if it cannot); with NCCL, every rank makes the flight recorder's directory."""
+    on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", lambda: write_run_dir(cfg, environment))
+    if ctx.backend == "nccl" and make_flight_recorder_dir(cfg.run_dir) and ctx.is_leader:
+        log.info(f"A collective timeout writes torch's NCCL flight recorder to {cfg.run_dir}/hang/nccl-trace-rank-N")
+
+
+def write_run_dir(cfg: Config, environment: dict[str, Any]) -> None:
+    """Rank 0, once the start is decided and the data is ready: the run directory with the
+    resolved config.yaml (headed by what else the bits depend on, as a comment) and
+    checkpoints/ (minus the temporary file of a writer that died)."""
+    run = RunDir(cfg.run_dir)
+    try:
+        run.checkpoints.path.mkdir(parents=True, exist_ok=True)
+        run.checkpoints.remove_partial_writes()
+        ran_with = ", ".join(f"{key} {value}" for key, value in environment.items())
+        header = f"# Ran with {ran_with}: with this config, what the weights' bits depend on.\n"
+        atomic_write_text(run.config, header + dump_config(cfg))
+    except OSError as e:
+        raise BadInputError(
+            f"cannot write run directory {run.path} ({e.strerror}); set run.dir to a writable path"
+        ) from None
+
+
+def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_size: int) -> dict[str, Any]:
+    """Exact test figures at any world size: each rank scores a disjoint, unpadded shard and
+    the sums (loss, correct, count) are added over ranks."""
+    shard = data.test_shard(len(split), ctx.rank, ctx.world_size)
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    model.eval()
+    with torch.no_grad():
+        for start in range(shard.start, shard.stop, batch_size):
+            stop = min(start + batch_size, shard.stop)
+            images = split.images[start:stop].to(ctx.device, non_blocking=True)
+            labels = split.labels[start:stop].to(ctx.device, non_blocking=True)
+            output = model(images)
+            sums[0] += F.nll_loss(output, labels, reduction="sum").double()
+            sums[1] += (output.argmax(dim=1) == labels).sum()
+            sums[2] += len(labels)
+    loss_sum, correct, count = all_reduce_sum(sums).tolist()
+    return {
+        "test_loss": loss_sum / count,
+        "test_accuracy": correct / count,
+        "correct": int(correct),
+        "count": int(count),
+    }
+
+
+def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Module]:
+    """The tutorial's net on this rank's device, from the global generator's current state, and
+    what the training step calls: its DDP wrapper (a single rank has nothing to average: the net
+    itself, the same bits without DDP's per-step bookkeeping), compiled if asked."""
+    model = Net(dropout=cfg.model.dropout).to(ctx.device)
+    if cfg.speed.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model: torch.nn.Module = model
+    if ctx.world_size > 1:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        step_model = DistributedDataParallel(model, device_ids=device_ids)
+        step_model.register_comm_hook(None, mean_in_rank_order)
+    if cfg.speed.compile:
+        step_model = torch.compile(step_model)
+    return model, step_model
 
 
 def threads_decided_by(ctx: DistContext) -> str:
@@ -496,48 +514,6 @@ def check_compile_toolchain(device: torch.device) -> None:
             f"speed.compile=true needs {', '.join(missing)} to build its {device.type} kernels, and this host "
             "lacks them; install them or set speed.compile=false"
         )
-
-
-def _train(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    lock = RunDirLock(RunDir(cfg.run_dir))
-    on_some_ranks(ctx, ctx.is_leader, "locking the run directory", lock.acquire)
-    try:
-        return _train_holding_the_run_dir(cfg, ctx)
-    finally:
-        lock.release()
-
-
-def _train_holding_the_run_dir(cfg: Config, ctx: DistContext) -> dict[str, Any]:
-    # Decided before the data step (which may download for minutes) and written after it, so
-    # bad input never leaves a half-made or damaged run directory behind.
-    source = on_some_ranks(ctx, ctx.is_leader, "choosing where to start", lambda: find_resume_source(cfg))
-    # The server is asked before anything is written: unreachable is bad input (exit 2).
-    connect = functools.partial(Tracking.connect, cfg)
-    tracking = on_some_ranks(ctx, ctx.is_leader and cfg.tracking.mlflow, "connecting to the MLflow server", connect)
-    finished = broadcast_bytes(ctx, source.results if source else None)
-    if finished:  # a run started again after it finished: nothing to train, nothing to write
-        summary = json.loads(finished)
-        log.info(
-            f"{cfg.run_dir} holds a finished run ({summary.get('epochs')} epochs, step {summary.get('global_step')}): "
-            "nothing to do, nothing written; train more with a higher train.epochs, or start another run with "
-            "run.name=<new name>"
-        )
-        if cfg.tracking.mlflow:  # what an earlier end could not send
-            on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
-        return summary
-    raw = broadcast_bytes(ctx, source.data if source else None)
-    name = str(source.path) if source else "the checkpoint rank 0 chose"
-    state = loads_weights_only(raw, name) if raw else None
-    splits = prepare_data(cfg, ctx, splits=("train", "test"))
-    trainer = Trainer(cfg, ctx, splits)
-    trainer.tracking = tracking
-    if state is not None:
-        trainer.load_state_dict(state, name)
-    prepare = functools.partial(prepare_run_dir, cfg, state is not None, trainer.environment)
-    on_some_ranks(ctx, ctx.is_leader, "preparing the run directory", prepare)
-    if ctx.backend == "nccl" and make_flight_recorder_dir(cfg.run_dir) and ctx.is_leader:
-        log.info(f"A collective timeout writes torch's NCCL flight recorder to {cfg.run_dir}/hang/nccl-trace-rank-N")
-    return trainer.fit()
 
 
 def run_evaluation(cfg: Config, checkpoint: str) -> dict[str, Any]:

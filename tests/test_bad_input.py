@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
-from job.safe_io import load_weights_only
+from job.untrusted import load_weights_only
 
 pytestmark = pytest.mark.processes
 

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
-from job.checkpoint import CheckpointDir, model_state_of
 from job.errors import JobError
-from job.safe_io import atomic_save, atomic_write_text, load_weights_only, loads_weights_only
+from job.model import model_state_of
+from job.run_dir import CheckpointDir
+from job.safe_io import atomic_save, atomic_write_text
+from job.untrusted import load_weights_only, loads_weights_only
 
 
 def test_atomic_write_replaces_and_leaves_no_temp_files(tmp_path):

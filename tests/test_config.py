@@ -172,19 +172,73 @@ def test_cli_config_prints_the_resolved_config(tmp_path):
     assert "lr: 0.05" in result.stdout and "dir: runs/default" in result.stdout
 
 
-def test_readme_config_reference_lists_every_key():
-    readme = (REPO / "README.md").read_text()
-    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+CONFIG_REFERENCE = REPO / "docs" / "CONFIG.md"
 
-    def keys(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from keys(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}"
 
-    missing = [key for key in keys(config_to_dict(Config())) if f"`{key}`" not in reference]
-    assert not missing, f"README's configuration reference lacks {missing}"
+def dataclass_keys(cls: type = Config, prefix: str = "") -> dict[str, tuple[object, tuple[object, ...]]]:
+    """Every dotted key of the config dataclasses: its default and, for a Literal type, its choices."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found.update(dataclass_keys(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+        found[f"{prefix}{f.name}"] = (default, choices)
+    return found
+
+
+def reference_rows(markdown: str) -> dict[str, list[str]]:
+    """key -> its row's cells (default, range, meaning) in the "Every key" table of docs/CONFIG.md."""
+    section = markdown.split("\n## Every key\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 4 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def reference_problems(keys: dict[str, tuple[object, tuple[object, ...]]], markdown: str) -> list[str]:
+    """What the reference gets wrong about `keys` (dataclass_keys' form), one line each."""
+    import yaml
+
+    rows = reference_rows(markdown)
+    problems = [f"{key}: in the dataclasses, not in docs/CONFIG.md" for key in keys if key not in rows]
+    problems += [f"{key}: in docs/CONFIG.md, not in the dataclasses" for key in rows if key not in keys]
+    for key, (default, choices) in keys.items():
+        if key not in rows:
+            continue
+        written, _, meaning = rows[key]
+        shown = yaml.safe_load(written.strip("`"))
+        if shown != default or type(shown) is not type(default):
+            problems.append(f"{key}: docs/CONFIG.md says the default is {written}, the dataclass {default!r}")
+        problems += [f"{key}: the choice `{c}` is not in its meaning" for c in choices if f"`{c}`" not in meaning]
+    return problems
+
+
+def test_the_configuration_reference_lists_every_key_with_its_default():
+    """docs/CONFIG.md's table and the dataclasses hold the same keys, at the same defaults (which
+    test_default_yaml_spells_out_every_key_at_its_dataclass_default ties to default.yaml)."""
+    problems = reference_problems(dataclass_keys(), CONFIG_REFERENCE.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_reference_check_sees_a_key_missing_a_stale_row_and_a_wrong_default():
+    keys = dataclass_keys()
+    keys["train.warmup_steps"] = (0, ())  # a key added to the dataclasses, not documented
+    keys["optim.lr"] = (0.02, ())  # a default changed in the dataclasses only
+    del keys["seed"]  # a key removed from the dataclasses, its row left behind
+    keys["dist.backend"] = ("auto", ("auto", "gloo", "nccl", "mpi"))  # a choice added, not described
+    assert reference_problems(keys, CONFIG_REFERENCE.read_text()) == [
+        "train.warmup_steps: in the dataclasses, not in docs/CONFIG.md",
+        "seed: in docs/CONFIG.md, not in the dataclasses",
+        "optim.lr: docs/CONFIG.md says the default is `0.01`, the dataclass 0.02",
+        "dist.backend: the choice `mpi` is not in its meaning",
+    ]
 
 
 def test_global_batch_splits_evenly_or_is_refused():

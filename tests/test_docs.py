@@ -145,3 +145,25 @@ def test_the_checker_sees_what_is_broken(tmp_path, monkeypatch):
         "figures/missing.png",
         "../outside.md",
     ], problems
+
+
+def run_directory_problems(names: set[str], markdown: str) -> list[str]:
+    """Where docs/RUN-DIRECTORY.md's table and the run directory's entry `names` differ."""
+    first_cells = [line.split("|")[1] for line in markdown.splitlines() if line.startswith("| `")]
+    rows = {cell.strip().strip("`").split("/")[0] for cell in first_cells}
+    return [f"{name}: written by the job, no row in docs/RUN-DIRECTORY.md" for name in sorted(names - rows)] + [
+        f"{name}: a row in docs/RUN-DIRECTORY.md, not written by the job" for name in sorted(rows - names)
+    ]
+
+
+def test_the_run_directory_reference_has_a_row_for_every_entry_the_job_writes():
+    from job.hang import HANG_DIR
+    from job.run_dir import RunDir
+
+    run = RunDir(Path("run"))
+    names = {path.relative_to(run.path).parts[0] for path in run.written()} | {HANG_DIR}
+    problems = run_directory_problems(names, (REPO / "docs" / "RUN-DIRECTORY.md").read_text())
+    assert not problems, "\n".join(problems)
+    assert run_directory_problems(names | {"events.db"}, (REPO / "docs" / "RUN-DIRECTORY.md").read_text()) == [
+        "events.db: written by the job, no row in docs/RUN-DIRECTORY.md"
+    ], "the check sees a new entry without its row"

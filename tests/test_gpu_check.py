@@ -51,6 +51,7 @@ def test_cpu_mode_passes_every_cpu_step_and_skips_the_cuda_ones(tmp_path: Path) 
         assert steps[name]["ran_on"] == "cpu/gloo", steps[name]
         assert all(run["exit"] in (0, 75) for run in steps[name]["runs"]), steps[name]["runs"]
     assert "two runs bit-identical" in steps["smoke"]["detail"]
+    assert "every weight identical" in steps["no-nan-fills"]["detail"], steps["no-nan-fills"]
     assert [run["exit"] for run in steps["sigterm"]["runs"]] == [75, 0]
     assert "bits equal to the run without it" in steps["speed.data_on_device"]["detail"]
     assert steps["accelerate"]["runs"][0]["launcher"] == "accelerate"
@@ -91,7 +92,7 @@ def test_the_deadline_skips_the_steps_it_leaves_no_time_for(tmp_path: Path) -> N
     assert result.returncode == 0, result.stdout + result.stderr
     assert statuses(report)["environment"] == statuses(report)["data"] == "passed"
     # The steps that could start are skipped for the deadline; those that build on them for that.
-    assert report["skipped_by_deadline"] == ["net", "smoke", "accelerate"]
+    assert report["skipped_by_deadline"] == ["net", "no-nan-fills", "smoke", "accelerate"]
     steps = {step["name"]: step for step in report["steps"]}
     assert steps["net"]["detail"].startswith("deadline: ") and steps["resume"]["detail"] == "needs smoke (skipped)"
     assert set(statuses(report).values()) == {"passed", "skipped"}

@@ -1,5 +1,5 @@
 """What a run opens to the network: a run whose processes are all on this host listens on
-loopback only (README: What listens where; job/loopback.py).
+loopback only (docs/LAUNCHING.md: What listens where; job/loopback.py).
 
 The launches are the one `make train-local` runs, on generated digits; the tests read the listening
 sockets of the launcher and its workers while they train. Where this machine's name resolves to

@@ -38,6 +38,30 @@ def test_train_local_is_elastic_torchrun_standalone_through_the_launcher_with_np
     assert "job config --world-size 3" in command, "the config is checked before torchrun starts"
 
 
+def test_the_documented_train_local_command_is_what_make_runs():
+    """docs/LAUNCHING.md spells out what `make train-local` runs on a CPU host: make must run exactly that."""
+    launching = (REPO / "docs" / "LAUNCHING.md").read_text()
+    documented = re.search(r"`make train-local` \(= `([^`]+)`\)", launching).group(1)
+    variable, program, arguments = re.fullmatch(r"(\S+=\S+) python (.*?--nproc-per-node) 2 (.*)", documented).groups()
+    command = " ".join(_make("-n", "train-local", "NPROC=2").replace("\\\n", " ").split())
+    assert variable in command and f"python {program} 2 {arguments} --config job/configs/default.yaml" in command
+
+
+def test_every_make_command_the_docs_name_is_a_target():
+    """A `make X` in any Markdown file names a target `make help` lists; the front page's quick start names
+    train-local, test and test-fast."""
+    markdown = subprocess.run(["git", "ls-files", "*.md"], cwd=REPO, capture_output=True, text=True, check=True)
+    listed = {line.split()[0] for line in _make("help").splitlines() if line.startswith("  ")}
+    named = {
+        (path, target)
+        for path in markdown.stdout.split()
+        for target in re.findall(r"`make ([a-z][A-Za-z0-9_-]*)", (REPO / path).read_text(encoding="utf-8"))
+    }
+    assert not [f"{path}: make {target}" for path, target in sorted(named) if target not in listed]
+    quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert {"train-local", "test", "test-fast"} <= set(re.findall(r"^make ([a-z-]+)", quick_start, re.M))
+
+
 def test_train_accelerate_uses_a_config_from_the_repo():
     command = _make("-n", "train-accelerate", "NPROC=2")
     assert "accelerate launch --config_file job/configs/accelerate/" in command

@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from job.checkpoint import CHECKPOINT_FORMAT
-from job.safe_io import readable_archive_version
+from job.untrusted import readable_archive_version
 
 pytestmark = pytest.mark.processes
 

@@ -7,6 +7,7 @@ and change the config under them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -320,3 +321,56 @@ def test_a_newest_checkpoint_of_the_wrong_shape_falls_back_to_the_one_before(ref
     assert "model conv1.weight has shape (20, 1, 5, 5), the net's is (10, 1, 5, 5)" in result.stderr
     assert f"Resuming from {checkpoint(run_dir, 15)}" in result.stdout
     assert_same_weights(run_dir, reference)
+
+
+READS_PROBE = Path(__file__).parent / "probes" / "checkpoint_reads"
+"""A sitecustomize.py that logs every open of a checkpoint file and every torch.load, per process."""
+
+
+def reads_per_rank(log: Path, names: dict[str, str]) -> dict[str, dict[str, list[str]]]:
+    """What each rank opened and unpickled, by file name (`names`: the sha256 of each candidate
+    checkpoint's bytes -> its name; a torch.load of other bytes is left out)."""
+    per_rank: dict[str, dict[str, list[str]]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        event = json.loads(line)
+        what = names.get(event["what"], event["what"]) if event["kind"] == "unpickle" else event["what"]
+        if event["kind"] == "open" or what in names.values():
+            per_rank.setdefault(event["rank"], {"open": [], "unpickle": []})[event["kind"]].append(what)
+    return per_rank
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("start", ["own-newest", "train.resume", "damaged-newest", "finished"])
+def test_a_resume_reads_and_unpickles_each_checkpoint_once_per_process(reference, tiny_root, tmp_path, start):
+    """Rank 0 reads the checkpoint it chooses once and unpickles it once (the same state is checked
+    and loaded); every other rank unpickles the bytes rank 0 sends it once and opens no file. Counted
+    in each process of a real 2-rank resume by tests/probes/checkpoint_reads/sitecustomize.py."""
+    run_dir, extra = tmp_path / "run", []
+    if start == "train.resume":
+        extra = [f"train.resume={checkpoint(reference, 6)}"]
+    elif start == "finished":
+        shutil.copytree(reference, run_dir)
+    else:
+        killed_copy(reference, run_dir, last_step=9)
+    if start == "damaged-newest":
+        checkpoint(run_dir, 9).write_bytes(checkpoint(run_dir, 9).read_bytes()[:5000])
+    candidates = [*(run_dir / "checkpoints").glob("step-*.pt")] if run_dir.exists() else [checkpoint(reference, 6)]
+    names = {hashlib.sha256(path.read_bytes()).hexdigest(): path.name for path in candidates}
+    log = tmp_path / "reads.jsonl"
+    env = clean_env(
+        CHECKPOINT_READS_LOG=str(log), PYTHONPATH=os.pathsep.join([str(READS_PROBE), os.environ.get("PYTHONPATH", "")])
+    )
+    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING, *extra)], nproc=2, env=env)
+    assert_ok(result)
+
+    chosen = {
+        "own-newest": ["step-000000009.pt"],
+        "train.resume": ["step-000000006.pt"],
+        "damaged-newest": ["step-000000009.pt", "step-000000008.pt"],  # the damaged one, then the one before
+        "finished": ["step-000000016.pt"],
+    }[start]
+    loaded = chosen[-1:] if start != "finished" else []  # a finished run's other ranks load nothing
+    assert reads_per_rank(log, names) == {
+        "0": {"open": chosen, "unpickle": chosen},
+        **({"1": {"open": [], "unpickle": loaded}} if loaded else {}),
+    }

@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     REPO,
     assert_ok,
+    assert_one_line_error,
     assert_same_weights,
     checkpoint_steps,
     clean_env,
@@ -145,3 +146,13 @@ def test_a_container_on_the_same_kernel_whose_pid_the_holder_had_waits_for_it(ne
     output = new_log.read_text()
     assert f"locked by another job (pid 1 on {HOST} (boot {boot_id.read_text().strip()}, " in output
     assert "Resuming from" in output
+
+
+def test_a_run_dir_that_is_a_file_is_refused_by_the_lock_in_one_line(tmp_path):
+    """The lock is taken before anything else looks at the run directory, so its check is the one
+    a run.dir naming a file meets (the start decision's copy of it was unreachable and is gone)."""
+    run_file = tmp_path / "not-a-dir"
+    run_file.write_text("a file\n")
+    result = run_job(["train", *tiny_overrides(tmp_path / "no-data", run_file)])
+    assert_one_line_error(result, f"run.dir {run_file} is a file, not a directory; choose another run.dir")
+    assert result.returncode == 2 and run_file.read_text() == "a file\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from helpers import assert_ok, run_probe
 
 from job.model import Net
 from job.seeding import configure_numerics, derive_seed, seed_parameter_init, seed_rank_streams
@@ -47,3 +49,12 @@ def test_determinism_switches():
     finally:
         configure_numerics(False, tf32=False)
         torch.backends.cudnn.benchmark = False
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_deterministic_mode_skips_the_nan_fills_and_keeps_the_bits(nproc):
+    """configure_numerics turns torch's NaN fills of new tensors off (issue 25: 23 fill kernels a step
+    on CPU), and 30 DDP steps through the job's gradient hook give the same weights, bit for bit,
+    with and without them (tests/probes/no_nan_fills.py; on CUDA: make gpu-check's no-nan-fills)."""
+    assert_ok(run_probe("no_nan_fills.py", [], nproc=nproc))

@@ -207,7 +207,7 @@ def test_where_torch_renamed_the_agents_monitor_bad_input_is_restarted_as_plain_
 def test_names_the_workers_call_are_checked_and_their_loss_is_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """The two private functions the job's workers call (the module docstring's second list): where
     torch lacks one, `changes` names it, the hang report's store lookup fails as a silent store does
-    (RuntimeError), and safe_io falls back to its own list (None)."""
+    (RuntimeError), and job/untrusted.py falls back to its own list (None)."""
     for module, name in (torch_private.DEFAULT_STORE, torch_private.ALLOWED_GLOBALS):
         monkeypatch.delattr(importlib.import_module(module), name)
     assert torch_private.changes() == {"_get_default_store": "missing", "_get_allowed_globals": "missing"}

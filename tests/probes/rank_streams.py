@@ -7,15 +7,18 @@ import sys
 import torch
 import torch.distributed as dist
 
+from job.checkpoint import Checkpoints
 from job.config import Config
 from job.data import Split
 from job.dist import distributed, read_launch_env
+from job.run_dir import RunDir
 from job.train import Trainer
 
 cfg = Config()
 with distributed(cfg.dist, read_launch_env()) as ctx:
     blank = Split(images=torch.zeros(64, 1, 28, 28), labels=torch.zeros(64, dtype=torch.long))
-    model = Trainer(cfg, ctx, {"train": blank, "test": blank}).model
+    checkpoints = Checkpoints(cfg, ctx, RunDir(cfg.run_dir))
+    model = Trainer(cfg, ctx, {"train": blank, "test": blank}, checkpoints).model
     params = torch.cat([p.detach().flatten() for p in model.parameters()])
     mask = torch.nn.functional.dropout(torch.ones(4096), p=0.5, training=True)
     mine = {"params": params.tolist(), "mask": mask.tolist()}

@@ -154,6 +154,8 @@ class Check:
                  seconds_needed=0),
             Step("net", "the net's forward+backward twice each in fp32, bf16, channels_last: identical",
                  needs=("environment",), seconds_needed=10),
+            Step("no-nan-fills", "30 SGD steps of the net without torch's NaN fills give the bits they give with them",
+                 needs=("environment",), seconds_needed=10),
             Step("tf32-off", f"the fp32 net on CUDA agrees with the CPU within {FP32_TOLERANCE:g} (TF32 is off)",
                  needs=("environment",), cuda_only=True, seconds_needed=10),
             Step("smoke", "the smoke config twice at W=1: bit-identical, on the device (cuda/nccl)",
@@ -305,6 +307,21 @@ class Check:
                 raise Failed(f"{variant}: two passes from the same seed differ (outputs or gradients)")
             seen.append(f"{variant} loss {first[0].item():.4f}")
         return f"on {self.device}, each variant twice, outputs and gradients identical: {', '.join(seen)}"
+
+    def step_no_nan_fills(self) -> str:
+        from job.seeding import configure_numerics
+
+        configure_numerics(deterministic=True, tf32=False)
+        if torch.utils.deterministic.fill_uninitialized_memory:
+            raise Failed("configure_numerics(deterministic=True) left torch's NaN fills of new tensors on")
+        device = torch.device(self.device)
+        self.current.ran_on = self.device
+        with_fills, without = sgd_steps(device, fills=True), sgd_steps(device, fills=False)
+        configure_numerics(deterministic=True, tf32=False)
+        differ = [i for i, (a, b) in enumerate(zip(with_fills, without, strict=True)) if not torch.equal(a, b)]
+        if differ:
+            raise Failed(f"weights {differ} differ after {SGD_STEPS} steps with and without the fills")
+        return f"on {self.device}, {SGD_STEPS} steps (dropout, SGD momentum 0.5): every weight identical"
 
     def step_tf32_off(self) -> str:
         from job.model import Net
@@ -688,6 +705,29 @@ def net_pass(device: torch.device, variant: str) -> list[torch.Tensor]:
     loss = F.nll_loss(output.float(), labels.to(device))
     loss.backward()
     return [loss.detach().cpu(), output.detach().float().cpu(), *(p.grad.cpu() for p in model.parameters())]
+
+
+SGD_STEPS = 30
+
+
+def sgd_steps(device: torch.device, fills: bool) -> list[torch.Tensor]:
+    """The job's net after SGD_STEPS training steps (dropout on, SGD lr 0.05 momentum 0.5) from fixed
+    seeds, with torch's NaN fills of new tensors on or off (deterministic mode)."""
+    import torch.nn.functional as F
+
+    from job.model import Net
+
+    torch.utils.deterministic.fill_uninitialized_memory = fills
+    torch.manual_seed(0)
+    model = Net().to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(SGD_STEPS):
+        images, labels = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+        optimizer.zero_grad()
+        F.nll_loss(model(images.to(device)), labels.to(device)).backward()
+        optimizer.step()
+    return [t.detach().cpu() for t in model.state_dict().values()]
 
 
 # --- data ------------------------------------------------------------------------------------------
