@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from job import torch_private
+
 HANG_DIR = "hang"
 ANSWER_WAIT_S = 30
 """The longest the live ranks wait for each other's answer after a timeout, seconds (less when
@@ -99,8 +101,6 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
     time out up to seconds apart on a loaded host, and a host that exited after its own exchange
     took the store from a rank still asking (3 ranks, rank 1 stopped, a CI host at load 9-14:
     rank 2's line said "the store did not answer either", 1 run in about 3)."""
-    import torch.distributed as dist
-
     wait_s = max(1, min(timeout_s, ANSWER_WAIT_S))
     hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     answers: dict[int, str] = {}
@@ -110,7 +110,7 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
         key, asked = "hang/rank/{}".format, "hang/done/{}".format
         deadline = time.monotonic() + wait_s
         try:
-            store = dist.distributed_c10d._get_default_store()
+            store = torch_private.default_store()
             store.set_timeout(timedelta(seconds=wait_s))
             store.set(key(rank), at.collective())
             heard = {rank: at.collective()}
@@ -128,8 +128,11 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
         if hosts_store:  # the store is this process's own: asking it cannot block
             others = [asked(other) for other in range(world_size) if other != rank]
             keep_until = time.monotonic() + wait_s
-            while time.monotonic() < keep_until and not store.check(others):
-                time.sleep(0.1)
+            try:
+                while time.monotonic() < keep_until and not store.check(others):
+                    time.sleep(0.1)
+            except (RuntimeError, ValueError):  # nothing more to keep up
+                pass
         kept.set()
 
     kept = threading.Event()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from job import torch_private
 from job.errors import BadInputError, NewerFileError, message_line
 from job.files import not_a_regular_file, open_regular
 
@@ -161,14 +162,13 @@ def readable_archive_version() -> int:
 
 def _weights_only_globals() -> set[str] | None:
     """The globals torch's weights-only unpickler accepts (its default allow-list plus any this
-    process added), from torch's private `_get_allowed_globals`; None where it is missing."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        added = [g for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)]
-        return set(_get_allowed_globals()) | {f"{g.__module__}.{g.__qualname__}" for g in added}
-    except (ImportError, AttributeError, TypeError):
+    process added), from torch's private `_get_allowed_globals` (job/torch_private.py); None where it
+    is missing."""
+    allowed = torch_private.weights_only_default_globals()
+    if allowed is None:
         return None
+    added = [g for g in torch.serialization.get_safe_globals() if not isinstance(g, tuple)]
+    return allowed | {f"{g.__module__}.{g.__qualname__}" for g in added}
 
 
 # Without torch's list: what torch.save needs for tensors and containers, and any torch.* name.

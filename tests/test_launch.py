@@ -6,6 +6,8 @@ code a test asks for, so what is measured is the launcher, not the job.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -13,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
-from helpers import REPO, assert_ok, assert_one_line_error, clean_env, run_job, tiny_overrides
+from helpers import REPO, assert_ok, assert_one_line_error, clean_env, kill_tree, run_job, tiny_overrides
 
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_PREEMPTED
 from job.launch import exit_code
@@ -134,8 +137,9 @@ def monitor_workers():
     return "unreached"
 
 seen = []
+sys.argv[1:] = ["--standalone", "train.py"]
 
-def torchrun():
+def torchrun(args=None):
     signal.signal(signal.SIGTERM, api._terminate_process_handler)  # as the agent's PContext.start does
     try:
         monitor_workers()
@@ -239,3 +243,86 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SLEEPER = """
+import os, pathlib, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+pathlib.Path(f"started-{os.environ['GROUP_RANK']}-{os.getpid()}").touch()
+if os.environ["GROUP_RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and len(sys.argv) > 1:
+    time.sleep(float(sys.argv[1]))  # after the store's host froze: this node's worker fails
+    sys.exit(1)
+time.sleep(300)
+"""
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("case", "worker_args", "max_restarts"),
+    [
+        pytest.param("polling", [], 0, id="agent-polling-the-store"),  # `num_nodes_waiting` between looks
+        pytest.param("restarting", ["4"], 1, id="agent-rejoining-after-a-failure"),  # the rendezvous's join
+        pytest.param("closing", ["4"], 0, id="agent-closing-the-rendezvous"),  # `shutdown` after the last failure
+    ],
+)
+def test_a_node_whose_rendezvous_store_host_froze_stops_within_a_bound(
+    tmp_path: Path, case: str, worker_args: list[str], max_restarts: int
+) -> None:
+    """Two nodes at a c10d rendezvous on loopback; the node hosting the store is frozen (SIGSTOP of
+    its agent, as a hung or cut-off host), its workers alive. A TCPStore call to it never returned,
+    whatever its timeout, so the other node's agent waited forever, whether it was polling the store,
+    rejoining after its worker failed, or closing the rendezvous. With read_timeout=5 it must stop
+    its workers and exit 1 within seconds: one `job.launch: error:` line saying the store stopped
+    answering (after a worker's own failure, torch's failure report instead), no traceback."""
+    port = free_port()
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    nodes = []
+    env = clean_env(PYTHONPATH=str(REPO), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    try:
+        for node in (0, 1):
+            cmd = [
+                sys.executable, "-m", "job.launch", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "frozen", "--rdzv-conf",
+                f"is_host={1 - node},read_timeout=5", "--max-restarts", str(max_restarts), "--monitor-interval", "0.5",
+                "sleeper.py", *worker_args,
+            ]  # fmt: skip
+            log = (tmp_path / f"node{node}.log").open("w")
+            nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
+            time.sleep(1)  # node 0 first: it hosts the store
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("started-*"))) < 2:
+            assert time.monotonic() < deadline and nodes[1].poll() is None, (tmp_path / "node1.log").read_text()
+            time.sleep(0.2)
+        nodes[0].send_signal(signal.SIGSTOP)
+        try:
+            code = nodes[1].wait(timeout=120)  # read_timeout + 5 s + STORE_HOST_GONE_GRACE_S, plus a margin for load
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"node 1 still waits for the frozen store after 120 s ({case})")
+        output = (tmp_path / "node1.log").read_text()
+        assert code == EXIT_FAILED, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        errors = [line for line in output.splitlines() if line.startswith("job.launch: error: ")]
+        if case == "closing":
+            assert errors == [], output[-3000:]  # its worker's exit 1 is the failure reported
+        else:
+            assert len(errors) == 1, output[-3000:]
+            assert "the rendezvous store" in errors[0] and "frozen" in errors[0], errors[0]
+        assert [pid for pid in started_pids(tmp_path, "1") if running(pid)] == [], "node 1's workers outlived it"
+    finally:
+        for process in nodes:
+            if process.poll() is None:
+                kill_tree(process.pid)
+        for pid in started_pids(tmp_path, "*"):  # node 0's workers, started in sessions of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def started_pids(folder: Path, node: str) -> list[int]:
+    return [int(path.name.rsplit("-", 1)[1]) for path in folder.glob(f"started-{node}-*")]
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

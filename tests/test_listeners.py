@@ -27,7 +27,7 @@ from torch.distributed import DistNetworkError
 from torch.distributed.elastic.rendezvous import RendezvousParameters, c10d_rendezvous_backend, static_tcp_rendezvous
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
-from job import launch
+from job import launch, torch_private
 from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
 
 LAUNCH = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2"]  # as make train-local
@@ -123,15 +123,13 @@ def listening_here(port: int) -> list[str]:
 
 @pytest.fixture
 def launcher_patches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """job.launch's patches of torch's agent, undone after the test."""
+    """job.launch's replacements of torch's store creation, undone after the test."""
     monkeypatch.setattr(c10d_rendezvous_backend, "TCPStore", c10d_rendezvous_backend.TCPStore)
     monkeypatch.setattr(static_tcp_rendezvous, "TCPStore", static_tcp_rendezvous.TCPStore)
     monkeypatch.setattr(
         DynamicRendezvousHandler, "_create_tcp_store_server", DynamicRendezvousHandler._create_tcp_store_server
     )
-    monkeypatch.setattr(torchrun, "config_from_args", torchrun.config_from_args)
-    launch._keep_local_stores_on_loopback()
-    launch._name_this_node_loopback_in_local_runs()
+    torch_private.create_agent_stores_with(tcp_store)
 
 
 def test_every_store_the_agent_hosts_for_a_loopback_host_listens_on_loopback_only(launcher_patches: None) -> None:
@@ -162,6 +160,8 @@ def test_a_taken_loopback_port_is_the_error_torch_raises_for_it() -> None:
 @pytest.mark.parametrize(
     ("arguments", "local_addr"),
     [
+        (["--standalone"], "127.0.0.1"),  # make train-local
+        ([], "127.0.0.1"),  # one node, no rendezvous options: torchrun runs it as --standalone
         (["--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:29400"], "127.0.0.1"),
         (["--rdzv-backend", "c10d", "--rdzv-endpoint", "[::1]:29400"], "::1"),
         (["--master-addr", "127.0.0.1", "--master-port", "29500"], "127.0.0.1"),  # static, as accelerate
@@ -170,11 +170,11 @@ def test_a_taken_loopback_port_is_the_error_torch_raises_for_it() -> None:
         (["--rdzv-backend", "etcd-v2", "--rdzv-endpoint", "localhost:2379"], None),  # a local etcd gateway
     ],
 )
-def test_a_local_rendezvous_names_this_node_by_loopback(
-    launcher_patches: None, arguments: list[str], local_addr: str | None
-) -> None:
-    """This node's address becomes the workers' MASTER_ADDR and the shared store's host."""
-    config, _, _ = torchrun.config_from_args(torchrun.parse_args([*arguments, "--nproc-per-node", "2", "train.py"]))
+def test_a_local_rendezvous_names_this_node_by_loopback(arguments: list[str], local_addr: str | None) -> None:
+    """This node's address becomes the workers' MASTER_ADDR and the shared store's host: the launcher
+    passes torchrun's own --local-addr."""
+    argv = launch.torchrun_arguments([*arguments, "--nproc-per-node", "2", "train.py"])
+    config, _, _ = torchrun.config_from_args(torchrun.parse_args(argv))
     assert config.local_addr == local_addr
 
 
