@@ -9,6 +9,7 @@ are job/checkpoint.py's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import data
 from job.checkpoint import Checkpoints
-from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks
+from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks, read_host
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
@@ -113,6 +114,11 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
         self.progress = Progress()
+        # The loss of the latest log interval, on its way to the host while the next steps run: it
+        # is read one interval later (or at a checkpoint, or at the epoch's end), never at once,
+        # so the loop does not wait for the device (docs/PERFORMANCE.md).
+        self.loss_host = torch.zeros((), pin_memory=ctx.device.type == "cuda")
+        self.logged: LoggedLoss | None = None
         self.environment = bit_environment(ctx.device, ctx.world_size)
         self.metrics: NullMetrics = NullMetrics()
         self.tracking: Tracking | None = None  # rank 0's MLflow run (tracking.mlflow)
@@ -198,6 +204,7 @@ class Trainer:
             checkpoint_seconds += self.checkpoint_or_stop(epoch, stop, vote, bar)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
+        self.print_logged_loss(bar)  # the epoch's last interval, before its summary and test lines
         seconds = time.perf_counter() - start - checkpoint_seconds
         bar.clear()
         self.progress.train_seconds += seconds
@@ -228,12 +235,33 @@ class Trainer:
         return loss
 
     def log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor, bar: ProgressBar) -> None:
-        """The tutorial's line with the loss averaged over ranks, and the same figure in the metrics."""
-        cfg, ctx = self.cfg, self.ctx
-        mean_loss = all_reduce_sum(loss.detach().clone()).item() / ctx.world_size
+        """At a log interval: print the previous interval's line, then start this one's loss (the
+        mean over ranks) on its way to the host without waiting for it (print_logged_loss reads it)."""
+        self.print_logged_loss(bar)
+        total = loss.detach()
+        if self.ctx.world_size > 1:  # a lone rank's loss is already the mean: no collective
+            total = all_reduce_sum(total.clone())
+        self.loss_host.copy_(total, non_blocking=True)  # pinned on CUDA: an asynchronous copy
+        copied = None
+        if self.ctx.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        self.logged = LoggedLoss(epoch, batch_idx, self.progress.global_step, copied)
+
+    def print_logged_loss(self, bar: ProgressBar) -> None:
+        """The tutorial's line for the pending log interval, with the loss averaged over ranks, and the
+        same figure in the metrics; RunFailedError when that loss is not finite (so the stop on a
+        diverged run comes at most one log interval late, and before any checkpoint is written)."""
+        logged, self.logged = self.logged, None
+        if logged is None:
+            return
+        if logged.copied is not None:
+            logged.copied.synchronize()  # long done by now: the steps since were queued behind it
+        cfg, epoch, batch_idx = self.cfg, logged.epoch, logged.batch_idx
+        mean_loss = read_host(self.loss_host) / self.ctx.world_size
         if not math.isfinite(mean_loss):  # the same mean on every rank: all stop here together
             raise RunFailedError(
-                f"the training loss became {mean_loss} at step {self.progress.global_step} (epoch {epoch}): "
+                f"the training loss became {mean_loss} at step {logged.step} (epoch {epoch}): "
                 f"{_DIVERGED}; the newest checkpoint holds the last good weights"
             )
         dataset_size = len(self.train_split)
@@ -244,7 +272,7 @@ class Trainer:
             f"  Loss: {mean_loss:.6f}"
         )
         examples_seen = (epoch - 1) * dataset_size + done
-        self.metrics.train_step(self.progress.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
+        self.metrics.train_step(logged.step, epoch, examples_seen, mean_loss, cfg.optim.lr)
 
     def checkpoint_or_stop(self, epoch: int, stop: StopRequest, vote: StopVote | None, bar: ProgressBar) -> float:
         """After a step: write a checkpoint when one is due or the ranks agreed to stop, then stop
@@ -253,6 +281,8 @@ class Trainer:
         stopping = vote is not None and vote.any_rank_stopping()
         every, progress = self.cfg.checkpoint.every_steps, self.progress
         due = every and progress.global_step % every == 0 and progress.batches_done < self.num_batches
+        if stopping or due:  # the pending log line first: a resume from this checkpoint never logs it
+            self.print_logged_loss(bar)
         seconds = self.save_checkpoint() if stopping or due else 0.0
         if stopping:
             bar.clear()
@@ -403,6 +433,18 @@ def report_finished_run(cfg: Config, ctx: DistContext, summary: dict[str, Any], 
     )
     if cfg.tracking.mlflow:  # what an earlier end could not send
         on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedLoss:
+    """A log interval whose loss is still being copied to Trainer.loss_host."""
+
+    epoch: int
+    batch_idx: int
+    step: int
+    """The global step whose loss it is (what the line and the metrics name)."""
+    copied: torch.cuda.Event | None
+    """Recorded after the copy on CUDA; None on the CPU, where the copy is done when it returns."""
 
 
 def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:
