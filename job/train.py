@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import data
-from job.checkpoint import Checkpoints
+from job.checkpoint import Checkpoints, to_cpu
 from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks, read_host
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
@@ -172,9 +172,12 @@ class Trainer:
             self.tracking.finish()
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:
-        """model_state(), or RunFailedError when a weight is NaN or infinite: such weights are never
-        saved, so the newest checkpoint stays the last good one."""
-        weights = self.model_state()
+        """model_state(), or RunFailedError when a weight is NaN or infinite (finite_weights)."""
+        return self.finite_weights(self.model_state())
+
+    def finite_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights` (host copies), or RunFailedError when one is NaN or infinite: such weights are
+        never saved, so the newest checkpoint stays the last good one."""
         broken = [key for key, value in weights.items() if not torch.isfinite(value).all()]
         if broken:
             raise RunFailedError(
@@ -339,9 +342,11 @@ class Trainer:
         """What this rank's training state is (plain containers; the checkpoint file's format is
         job/checkpoint.py's): the finite weights (RunFailedError otherwise), the optimizer's state
         and the position in training."""
+        # Weights and momentum buffers come to the host together: one wait for the device, not 16.
+        weights, optimizer = to_cpu((self.model_state_in_place(), self.optimizer.state_dict()))
         return {
-            "model": self.finite_model_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.finite_weights(weights),
+            "optimizer": optimizer,
             "progress": self.progress.to_dict(),
         }
 
@@ -354,8 +359,12 @@ class Trainer:
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights on the CPU in the default memory layout, whatever device and speed.channels_last
         trained them, so model.pt means the same to every reader: a plain torch.load on a host without
-        GPUs, safetensors (which refuses strided tensors)."""
-        return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+        GPUs, safetensors (which refuses strided tensors). One copy from the device (job/checkpoint.py's to_cpu)."""
+        return to_cpu(self.model_state_in_place())
+
+    def model_state_in_place(self) -> dict[str, torch.Tensor]:
+        """The weights on their device, in the default memory layout (model_state copies them to the host)."""
+        return {key: value.detach().contiguous() for key, value in self.model.state_dict().items()}
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         """summary.json: the final test figures, the position reached, and what ran it."""
