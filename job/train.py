@@ -343,7 +343,7 @@ class Trainer:
         job/checkpoint.py's): the finite weights (RunFailedError otherwise), the optimizer's state
         and the position in training."""
         # Weights and momentum buffers come to the host together: one wait for the device, not 16.
-        weights, optimizer = to_cpu((self.model_state_in_place(), self.optimizer.state_dict()))
+        weights, optimizer = to_cpu((weights_in_place(self.model), self.optimizer.state_dict()))
         return {
             "model": self.finite_weights(weights),
             "optimizer": optimizer,
@@ -360,11 +360,7 @@ class Trainer:
         """The weights on the CPU in the default memory layout, whatever device and speed.channels_last
         trained them, so model.pt means the same to every reader: a plain torch.load on a host without
         GPUs, safetensors (which refuses strided tensors). One copy from the device (job/checkpoint.py's to_cpu)."""
-        return to_cpu(self.model_state_in_place())
-
-    def model_state_in_place(self) -> dict[str, torch.Tensor]:
-        """The weights on their device, in the default memory layout (model_state copies them to the host)."""
-        return {key: value.detach().contiguous() for key, value in self.model.state_dict().items()}
+        return to_cpu(weights_in_place(self.model))
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         """summary.json: the final test figures, the position reached, and what ran it."""
@@ -454,6 +450,11 @@ class LoggedLoss:
     """The global step whose loss it is (what the line and the metrics name)."""
     copied: torch.cuda.Event | None
     """Recorded after the copy on CUDA; None on the CPU, where the copy is done when it returns."""
+
+
+def weights_in_place(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights on their device, in the default memory layout (Trainer.model_state copies them to the host)."""
+    return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
 
 
 def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from job.checkpoint import copy_to_host, to_cpu
 from job.model import Net
-from job.train import Trainer
+from job.train import weights_in_place
 
 LOOP = ("train.log_interval=3", "checkpoint.every_steps=5")
 """Log intervals and mid-epoch checkpoints inside the counted steps (the generated set has 8 steps an epoch)."""
@@ -73,7 +72,7 @@ def test_a_gpu_checkpoint_snapshot_is_one_copy_to_the_host():
             momentum = {i: {"momentum_buffer": channels_last(p.detach())} for i, p in enumerate(net.parameters())}
         count = DeviceToHostCopies()
         with count:
-            weights, optimizer = to_cpu((Trainer.model_state_in_place(SimpleNamespace(model=net)), momentum))
+            weights, optimizer = to_cpu((weights_in_place(net), momentum))
     assert count.copies == 1
     assert (
         {t.device.type for t in weights.values()}
