@@ -29,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from job import torch_private
+from job.launch_env import hosts_the_default_store
 
 HANG_DIR = "hang"
 ANSWER_WAIT_S = 30
@@ -102,7 +103,7 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
     took the store from a rank still asking (3 ranks, rank 1 stopped, a CI host at load 9-14:
     rank 2's line said "the store did not answer either", 1 run in about 3)."""
     wait_s = max(1, min(timeout_s, ANSWER_WAIT_S))
-    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    hosts_store = hosts_the_default_store(rank)
     answers: dict[int, str] = {}
     done = threading.Event()
 

@@ -81,3 +81,10 @@ def cpu_threads_per_process(env: LaunchEnv, environ: Mapping[str, str] = os.envi
     by its affinity cores) / local processes, at least 1; None when OMP_NUM_THREADS decides
     (job/cpu_quota.py)."""
     return threads_per_process(env.local_world_size, environ)[0]
+
+
+def hosts_the_default_store(rank: int) -> bool:
+    """Whether this rank's process hosts the process group's store: rank 0 does, unless the elastic
+    agent hosts it (TORCHELASTIC_USE_AGENT_STORE=True; torch/distributed/rendezvous.py,
+    `_create_c10d_store`)."""
+    return rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"

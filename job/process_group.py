@@ -27,7 +27,7 @@ from job.config import DistConfig
 from job.device import choose_backend_and_device
 from job.errors import EXIT_BAD_INPUT, LaunchError, message_line
 from job.hang import Whereabouts
-from job.launch_env import LaunchEnv, cpu_threads_per_process
+from job.launch_env import LaunchEnv, cpu_threads_per_process, hosts_the_default_store
 from job.loopback import all_ranks_here, is_loopback, loopback_address, talk_over_loopback, tcp_store
 from job.node_address import talk_over_this_nodes_address
 
@@ -119,7 +119,7 @@ def _store_on_loopback(env: LaunchEnv, timeout: timedelta) -> dist.Store:
     listening on loopback only: for a job whose ranks are all on this host."""
     master_addr = os.environ["MASTER_ADDR"]
     host = loopback_address(master_addr) if is_loopback(master_addr) else "127.0.0.1"
-    hosts_it = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    hosts_it = hosts_the_default_store(env.rank)
     store = tcp_store(
         host, int(os.environ["MASTER_PORT"]), world_size=env.world_size, is_master=hosts_it, timeout=timeout,
         multi_tenant=True,
