@@ -116,13 +116,55 @@ def training_state(
 
 
 def to_cpu(obj: Any) -> Any:
-    """`obj` with every tensor in it (nested dicts, lists, tuples) copied to the CPU; CPU tensors stay as they are."""
+    """`obj` with every tensor in it (nested dicts, lists, tuples) on the CPU; CPU tensors stay as they
+    are. The device tensors come over in one copy per dtype (one wait for the device, not one per
+    tensor: the net's weights and momentum buffers are 16), each into its own storage with its
+    shape and strides, as its own `.cpu()` would give it."""
+    on_device: list[torch.Tensor] = []
+    _collect_device_tensors(obj, on_device)
+    copies = {id(tensor): copy for tensor, copy in zip(on_device, copy_to_host(on_device), strict=True)}
+    return _replace_tensors(obj, copies)
+
+
+def copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host copies of `tensors` (any devices), one transfer per device and dtype: the elements of each
+    in memory order, concatenated on the device, copied at once, then split into tensors of their
+    own storage with the original shapes and strides (for dense layouts: contiguous, channels_last)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    copies: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for members in groups.values():
+        orders = [sorted(range(tensors[i].dim()), key=lambda d, t=tensors[i]: -t.stride(d)) for i in members]
+        flat = torch.cat(
+            [tensors[i].detach().permute(order).reshape(-1) for i, order in zip(members, orders, strict=True)]
+        ).cpu()
+        parts = flat.split([tensors[i].numel() for i in members])
+        for i, order, part in zip(members, orders, parts, strict=True):
+            shape = [tensors[i].shape[d] for d in order]
+            copies[i] = part.view(shape).permute(sorted(range(len(order)), key=order.__getitem__)).clone()
+    return copies
+
+
+def _collect_device_tensors(obj: Any, found: list[torch.Tensor]) -> None:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
+        if obj.device.type != "cpu":
+            found.append(obj)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _collect_device_tensors(value, found)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _collect_device_tensors(value, found)
+
+
+def _replace_tensors(obj: Any, copies: dict[int, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return copies.get(id(obj), obj.detach())
     if isinstance(obj, dict):
-        return {key: to_cpu(value) for key, value in obj.items()}
+        return {key: _replace_tensors(value, copies) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(value) for value in obj)
+        return type(obj)(_replace_tensors(value, copies) for value in obj)
     return obj
 
 

@@ -5,7 +5,7 @@ moved across ranks (job/process_group.py starts the group)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def read_host(tensor: torch.Tensor) -> Any:
+    """The values of a tensor that lives on the host by design (a control-group flag, the pinned copy
+    of the loss), as Python numbers, read from its memory: never a device sync, and not the
+    dispatcher's `_local_scalar_dense`, which the sync count (tests/test_syncs.py) takes for one.
+    ValueError for a device tensor: reading one would wait for the device."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"read_host takes host tensors, not one on {tensor.device}")
+    return tensor.tolist()
+
+
 def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[], T]) -> T | None:
     """`action()` on the chosen ranks only (fetching data, creating the run directory), then
     agree: if it failed anywhere, every rank stops instead of waiting for that rank forever.
@@ -64,12 +74,14 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
         except JobError as e:
             error = e
     # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
-    code = torch.tensor([error.exit_code if error is not None else 0], device=ctx.device)
-    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    # On the CPU control group: a device tensor here would cost a copy to the device and a sync back.
+    code = torch.tensor([error.exit_code if error is not None else 0])
+    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
     if error is not None:
         raise error
-    if code.item():
-        raise PeerFailedError(f"another rank failed while {step}", exit_code=int(code.item()))
+    (worst,) = read_host(code)
+    if worst:
+        raise PeerFailedError(f"another rank failed while {step}", exit_code=worst)
     ctx.at.phase = previous
     return result
 

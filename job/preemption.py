@@ -20,6 +20,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from job.collectives import read_host
 from job.errors import PreemptedError
 from job.process_group import DistContext
 
@@ -84,4 +85,4 @@ class StopVote:
         if self._work is None:
             return self._request.received
         self._work.wait()
-        return bool(self._flag.item())
+        return bool(read_host(self._flag)[0])

@@ -9,6 +9,7 @@ are job/checkpoint.py's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import data
-from job.checkpoint import Checkpoints
-from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks
+from job.checkpoint import Checkpoints, to_cpu
+from job.collectives import all_reduce_sum, mean_in_rank_order, on_some_ranks, read_host
 from job.config import Config, dump_config, rank_batch_size
 from job.console import ProgressBar, setup_logging
 from job.cpu_kernels import cpu_capability, pin_missed
@@ -113,6 +114,11 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
         self.progress = Progress()
+        # The loss of the latest log interval, on its way to the host while the next steps run: it
+        # is read one interval later (or at a checkpoint, or at the epoch's end), never at once,
+        # so the loop does not wait for the device (docs/PERFORMANCE.md).
+        self.loss_host = torch.zeros((), pin_memory=ctx.device.type == "cuda")
+        self.logged: LoggedLoss | None = None
         self.environment = bit_environment(ctx.device, ctx.world_size)
         self.metrics: NullMetrics = NullMetrics()
         self.tracking: Tracking | None = None  # rank 0's MLflow run (tracking.mlflow)
@@ -166,9 +172,12 @@ class Trainer:
             self.tracking.finish()
 
     def finite_model_state(self) -> dict[str, torch.Tensor]:
-        """model_state(), or RunFailedError when a weight is NaN or infinite: such weights are never
-        saved, so the newest checkpoint stays the last good one."""
-        weights = self.model_state()
+        """model_state(), or RunFailedError when a weight is NaN or infinite (finite_weights)."""
+        return self.finite_weights(self.model_state())
+
+    def finite_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`weights` (host copies), or RunFailedError when one is NaN or infinite: such weights are
+        never saved, so the newest checkpoint stays the last good one."""
         broken = [key for key, value in weights.items() if not torch.isfinite(value).all()]
         if broken:
             raise RunFailedError(
@@ -198,6 +207,7 @@ class Trainer:
             checkpoint_seconds += self.checkpoint_or_stop(epoch, stop, vote, bar)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
+        self.print_logged_loss(bar)  # the epoch's last interval, before its summary and test lines
         seconds = time.perf_counter() - start - checkpoint_seconds
         bar.clear()
         self.progress.train_seconds += seconds
@@ -228,12 +238,33 @@ class Trainer:
         return loss
 
     def log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor, bar: ProgressBar) -> None:
-        """The tutorial's line with the loss averaged over ranks, and the same figure in the metrics."""
-        cfg, ctx = self.cfg, self.ctx
-        mean_loss = all_reduce_sum(loss.detach().clone()).item() / ctx.world_size
+        """At a log interval: print the previous interval's line, then start this one's loss (the
+        mean over ranks) on its way to the host without waiting for it (print_logged_loss reads it)."""
+        self.print_logged_loss(bar)
+        total = loss.detach()
+        if self.ctx.world_size > 1:  # a lone rank's loss is already the mean: no collective
+            total = all_reduce_sum(total.clone())
+        self.loss_host.copy_(total, non_blocking=True)  # pinned on CUDA: an asynchronous copy
+        copied = None
+        if self.ctx.device.type == "cuda":
+            copied = torch.cuda.Event()
+            copied.record()
+        self.logged = LoggedLoss(epoch, batch_idx, self.progress.global_step, copied)
+
+    def print_logged_loss(self, bar: ProgressBar) -> None:
+        """The tutorial's line for the pending log interval, with the loss averaged over ranks, and the
+        same figure in the metrics; RunFailedError when that loss is not finite (so the stop on a
+        diverged run comes at most one log interval late, and before any checkpoint is written)."""
+        logged, self.logged = self.logged, None
+        if logged is None:
+            return
+        if logged.copied is not None:
+            logged.copied.synchronize()  # long done by now: the steps since were queued behind it
+        cfg, epoch, batch_idx = self.cfg, logged.epoch, logged.batch_idx
+        mean_loss = read_host(self.loss_host) / self.ctx.world_size
         if not math.isfinite(mean_loss):  # the same mean on every rank: all stop here together
             raise RunFailedError(
-                f"the training loss became {mean_loss} at step {self.progress.global_step} (epoch {epoch}): "
+                f"the training loss became {mean_loss} at step {logged.step} (epoch {epoch}): "
                 f"{_DIVERGED}; the newest checkpoint holds the last good weights"
             )
         dataset_size = len(self.train_split)
@@ -244,7 +275,7 @@ class Trainer:
             f"  Loss: {mean_loss:.6f}"
         )
         examples_seen = (epoch - 1) * dataset_size + done
-        self.metrics.train_step(self.progress.global_step, epoch, examples_seen, mean_loss, cfg.optim.lr)
+        self.metrics.train_step(logged.step, epoch, examples_seen, mean_loss, cfg.optim.lr)
 
     def checkpoint_or_stop(self, epoch: int, stop: StopRequest, vote: StopVote | None, bar: ProgressBar) -> float:
         """After a step: write a checkpoint when one is due or the ranks agreed to stop, then stop
@@ -253,6 +284,8 @@ class Trainer:
         stopping = vote is not None and vote.any_rank_stopping()
         every, progress = self.cfg.checkpoint.every_steps, self.progress
         due = every and progress.global_step % every == 0 and progress.batches_done < self.num_batches
+        if stopping or due:  # the pending log line first: a resume from this checkpoint never logs it
+            self.print_logged_loss(bar)
         seconds = self.save_checkpoint() if stopping or due else 0.0
         if stopping:
             bar.clear()
@@ -309,9 +342,11 @@ class Trainer:
         """What this rank's training state is (plain containers; the checkpoint file's format is
         job/checkpoint.py's): the finite weights (RunFailedError otherwise), the optimizer's state
         and the position in training."""
+        # Weights and momentum buffers come to the host together: one wait for the device, not 16.
+        weights, optimizer = to_cpu((weights_in_place(self.model), self.optimizer.state_dict()))
         return {
-            "model": self.finite_model_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.finite_weights(weights),
+            "optimizer": optimizer,
             "progress": self.progress.to_dict(),
         }
 
@@ -324,8 +359,8 @@ class Trainer:
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights on the CPU in the default memory layout, whatever device and speed.channels_last
         trained them, so model.pt means the same to every reader: a plain torch.load on a host without
-        GPUs, safetensors (which refuses strided tensors)."""
-        return {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+        GPUs, safetensors (which refuses strided tensors). One copy from the device (job/checkpoint.py's to_cpu)."""
+        return to_cpu(weights_in_place(self.model))
 
     def summary(self, result: dict[str, Any]) -> dict[str, Any]:
         """summary.json: the final test figures, the position reached, and what ran it."""
@@ -403,6 +438,23 @@ def report_finished_run(cfg: Config, ctx: DistContext, summary: dict[str, Any], 
     )
     if cfg.tracking.mlflow:  # what an earlier end could not send
         on_some_ranks(ctx, ctx.is_leader, "sending the results to MLflow", lambda: tracking.finish())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedLoss:
+    """A log interval whose loss is still being copied to Trainer.loss_host."""
+
+    epoch: int
+    batch_idx: int
+    step: int
+    """The global step whose loss it is (what the line and the metrics name)."""
+    copied: torch.cuda.Event | None
+    """Recorded after the copy on CUDA; None on the CPU, where the copy is done when it returns."""
+
+
+def weights_in_place(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights on their device, in the default memory layout (Trainer.model_state copies them to the host)."""
+    return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
 
 
 def prepare_data(cfg: Config, ctx: DistContext, splits: tuple[str, ...]) -> dict[str, data.Split]:
