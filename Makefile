@@ -107,7 +107,7 @@ K8S_STAMP := $(K8S_VENV)/.installed
 LOCK_STAMP := $(LOCK_VENV)/.installed
 MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
-.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard mlflow-ui plot predict export test test-fast \
+.PHONY: help setup data config train-local train-accelerate chaos bench bench-gpu gpu-check tensorboard mlflow-ui plot predict export test test-slow test-fast \
 	lint format lock image push image-test k8s-render submit status logs k8s-tensorboard delete k8s-local-test \
 	slurm-submit slurm-status slurm-logs slurm-cancel slurm-test clean distclean
 
@@ -206,6 +206,9 @@ test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s 
 
 # A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
 # tests are marked so too (tests/README.md).
+test-slow: $(STAMP) ## the acceptance runs make test leaves out: real MNIST recipe, the GPU check's CPU mode, chaos, bench (tests/README.md)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
 test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
 	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
 
