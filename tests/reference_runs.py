@@ -15,6 +15,7 @@ logged) uses the run whose cadence it names, or trains its own.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,16 +49,30 @@ class FinishedRun:
     files: dict[str, str] = field(repr=False)
     """Every file as training left it, with its sha256 (helpers.snapshot)."""
 
+    @property
+    def pristine(self) -> Path:
+        """A copy of the run directory as training left it, beside it (put back after a test wrote)."""
+        return self.dir.with_name("pristine")
+
     def assert_untouched(self, test: str) -> None:
-        assert snapshot(self.dir) == self.files, (
-            f"{test} changed the shared run {self.dir}: copy it (shutil.copytree) before resuming, "
-            "damaging, extending or plotting it"
+        """Fail `test` if it changed the run, after putting the run back as training left it (from
+        its pristine copy), so that the tests after it read the run they expect."""
+        now = snapshot(self.dir)
+        if now == self.files:
+            return
+        changed = sorted(name for name in now.keys() | self.files.keys() if now.get(name) != self.files.get(name))
+        shutil.rmtree(self.dir)
+        shutil.copytree(self.pristine, self.dir)
+        raise AssertionError(
+            f"{test} changed the shared run {self.dir} ({', '.join(changed)}): copy it to the test's "
+            "tmp_path (shutil.copytree) and resume, damage, extend or plot the copy"
         )
 
 
 def train(root: Path, base: Path, nproc: int | None, overrides: tuple[str, ...]) -> FinishedRun:
-    """Train `base`/run to the end (exit 0 asserted)."""
+    """Train `base`/run to the end (exit 0 asserted); `base`/pristine is a copy of it."""
     run_dir = base / "run"
     result = run_job(["train", *tiny_overrides(root, run_dir, *overrides)], nproc=nproc)
     assert_ok(result)
+    shutil.copytree(run_dir, base / "pristine")
     return FinishedRun(run_dir, nproc, overrides, result, snapshot(run_dir))
