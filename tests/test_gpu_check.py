@@ -36,6 +36,7 @@ def statuses(report: dict) -> dict[str, str]:
     return {step["name"]: step["status"] for step in report["steps"]}
 
 
+@pytest.mark.slow
 def test_cpu_mode_passes_every_cpu_step_and_skips_the_cuda_ones(tmp_path: Path) -> None:
     result, report = gpu_check(tmp_path, "--synthetic")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

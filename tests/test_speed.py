@@ -41,8 +41,10 @@ def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return run_dir, train(tiny_root, run_dir)[0]
 
 
+# compile's run (inductor's C++ build, about 20 s here) is in the slow tier; test_device.py pins
+# what compile needs per device, and the three other switches run here.
 @pytest.mark.processes
-@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("switch", [pytest.param(s, marks=pytest.mark.slow) if s == "compile" else s for s in SWITCHES])
 def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
     summary, stderr = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
     # Off, the generated digits are learned to 100% in two epochs; chance is 10%. The switches
@@ -100,6 +102,7 @@ def test_compile_without_a_compiler_is_one_clear_line(tiny_root: Path, tmp_path:
 
 
 @pytest.mark.processes
+@pytest.mark.slow
 def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: Path) -> None:
     """`make bench` end to end on generated data (one round): the four runs, the table, the
     ratios, and the hand-written text around the markers kept. Timings are not asserted."""
