@@ -210,7 +210,7 @@ test-slow: $(STAMP) ## the acceptance runs make test leaves out: real MNIST reci
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
-	$(PY) -m pytest -m "not processes" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not processes and not lint" $(PYTEST_ARGS)
 
 $(LINT_STAMP): $(LINT_LOCK)
 	@echo "Creating $(LINT_VENV): hadolint and checkov (about 0.3 GB, a minute)" >&2
@@ -260,7 +260,7 @@ lint: $(STAMP) $(LINT_STAMP) $(K8S_STAMP) ## ruff on the code; hadolint and chec
 	$(VENV)/bin/ruff format --check job tests k8s
 	$(LINT_VENV)/bin/hadolint --failure-threshold warning docker/Dockerfile
 	$(LINT_VENV)/bin/checkov --skip-download --quiet --compact --framework dockerfile -f docker/Dockerfile
-	$(PY) -m pytest -q tests/test_k8s.py -k checkov
+	$(PY) -m pytest -q -m lint tests/test_k8s.py
 
 format: $(STAMP) ## ruff: apply formatting and safe fixes
 	$(VENV)/bin/ruff format job tests

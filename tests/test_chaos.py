@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import REPO, clean_env, make_tiny_mnist, tiny_overrides
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
 
 
 def test_chaos_kills_a_job_and_a_worker_and_finds_the_same_bits(tmp_path):

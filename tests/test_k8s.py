@@ -226,6 +226,7 @@ def test_the_round_trip_catches_a_misspelled_kubeflow_field(path, kind, typo):
     assert round_trip(doc) != doc
 
 
+@pytest.mark.lint
 @pytest.mark.usefixtures("lint_venv")
 def test_checkov_finds_no_failed_check(tmp_path):
     # What gets applied: the overlays and TensorBoard (k8s/base has no image tag by design).

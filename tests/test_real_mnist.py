@@ -24,6 +24,7 @@ pytestmark = pytest.mark.processes
 SEED_ACCURACY = 0.965  # the tutorial reaches 0.9665-0.972 after 3 epochs
 
 
+@pytest.mark.slow
 def test_seed_recipe_reaches_the_tutorials_accuracy(tmp_path):
     root = REPO / "data"
     fetching = bool(missing_files(root))
@@ -62,6 +63,7 @@ def one_epoch_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_predict_reads_test_digits_saved_as_inverted_upscaled_colour_pngs(one_epoch_run, exported, tmp_path):
     """The first 20 test digits as a user's files would be: dark ink on white, 112x112, RGB; read with
     the checkpoint, and with its onnx export through onnxruntime."""
@@ -90,6 +92,7 @@ def test_predict_reads_test_digits_saved_as_inverted_upscaled_colour_pngs(one_ep
         assert np.abs(np.subtract(record["probabilities"], onnx_record["probabilities"])).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_plot_draws_the_figures_of_a_real_run(one_epoch_run):
     result = run_job(["plot", str(one_epoch_run)], cwd=REPO)
     assert_ok(result)
@@ -115,6 +118,7 @@ def mnist_test_set() -> tuple[torch.Tensor, torch.Tensor]:
     return normalize(read_idx(raw / "t10k-images-idx3-ubyte", ndim=3)), read_idx(raw / "t10k-labels-idx1-ubyte", 1)
 
 
+@pytest.mark.slow
 def test_onnx_export_reads_all_10000_test_digits_as_torch_does(one_epoch_run, exported):
     import onnxruntime
 
@@ -146,6 +150,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_pt2_export_loaded_in_a_fresh_process_reads_all_10000_test_digits_as_torch_does(
     one_epoch_run, exported, tmp_path
 ):

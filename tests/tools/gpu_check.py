@@ -16,7 +16,8 @@ is checked by the first step. Steps, in order (* = CUDA only):
   resume           from a mid-run checkpoint of that run: the same bits
   evaluate         `python -m job evaluate` of its model.pt equals training's figures
   sigterm          SIGTERM mid-epoch: exit 75; the same command again ends with the uninterrupted bits
-  speed.*          each switch trains on the device and learns; data_on_device gives the bits of off
+  speed.*          each switch trains on the device and learns; data_on_device=false (the host path; the
+                   default is true) gives the default's bits
                    (speed.tf32 is CUDA only)
   shared-gpu *     2 ranks on one GPU over gloo (NCCL takes one GPU per rank): a resume, the same bits
   accelerate       `accelerate launch` with job/configs/accelerate/multi-gpu.yaml (CPU: cpu.yaml)
@@ -170,7 +171,7 @@ class Check:
                  needs=("smoke",), seconds_needed=40),
             *(
                 Step(f"speed.{switch}", "trains on the device and learns"
-                     + ("; the bits of the run without it" if switch == "data_on_device" else ""),
+                     + ("; =false (host batches) gives the default's bits" if switch == "data_on_device" else ""),
                      needs=("smoke",), cuda_only=switch == "tf32", seconds_needed=60 if switch == "compile" else 20)
                 for switch in SWITCHES
             ),
@@ -422,7 +423,8 @@ class Check:
         if switch == "compile" and not self.cuda:
             raise Skipped("on the CPU: tests/test_speed.py runs it (minutes on a small CPU); here it runs on CUDA")
         run_dir = self.work / f"speed-{switch}"
-        run = self.start_train(f"speed-{switch}", run_dir, f"speed.{switch}=true")
+        value = "false" if switch == "data_on_device" else "true"  # the one switch on by default
+        run = self.start_train(f"speed-{switch}", run_dir, f"speed.{switch}={value}")
         if switch == "compile":
             missing = self.environment.get("torch.compile lacks", "nothing")
             if missing != "nothing":  # the job must refuse in one line, before training
@@ -435,8 +437,8 @@ class Check:
             raise Failed(f"test accuracy {summary['test_accuracy']:.4f}: it did not learn (> {LEARNED} expected)")
         same = weights_equal(run_dir, self.reference)
         if switch == "data_on_device" and not same:
-            raise Failed("speed.data_on_device=true changed the weights: it must only move the data")
-        return f"{describe(summary)}; bits {'equal to' if same else 'differ from'} the run without it"
+            raise Failed("speed.data_on_device=false changed the weights: the switch must only move the data")
+        return f"{describe(summary)}; bits {'equal to' if same else 'differ from'} the default run"
 
     def step_speed_bf16(self) -> str:
         return self.speed_step("bf16")
