@@ -218,7 +218,8 @@ def _numerics() -> tuple:
 
 def _set_numerics(saved: tuple) -> None:
     deterministic, warn_only, fill, matmul_tf32, cudnn_tf32, cudnn_deterministic, benchmark, threads = saved
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    if _numerics()[:2] != (deterministic, warn_only):  # the call imports torch._inductor (seconds)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
