@@ -165,8 +165,10 @@ def run_main(
     (clean_env() unless given) and works in `cwd`; afterwards whatever the job set in this process
     is put back: os.environ, the working directory, torch's numerics switches and threads, the
     "job" logger, SIGINT's handler. A call still running after `timeout` s (a read blocked on a
-    FIFO) is interrupted with TimeoutError. Fails the test when the call left a process group up
-    or SIGTERM blocked: such a path belongs in a subprocess."""
+    FIFO) is interrupted with TimeoutError. A call that would start a process group or its store
+    fails the test at once (in this process it could wait for peers that never come, and its
+    deadline ends the process with os._exit), as does one that left SIGTERM blocked: such a path
+    belongs in a subprocess."""
     import torch.distributed as dist
 
     from job.__main__ import exit_code
@@ -182,7 +184,12 @@ def run_main(
     def too_long(*_: object) -> None:
         raise TimeoutError(f"python -m job {' '.join(args)} still ran after {timeout} s")
 
+    def no_group(*_: object, **__: object) -> None:
+        raise AssertionError(f"python -m job {' '.join(args)} starts a process group: test it with run_job")
+
     alarm = signal.signal(signal.SIGALRM, too_long)
+    group_starts = dist.init_process_group, dist.TCPStore
+    dist.init_process_group = dist.TCPStore = no_group
     capfd.readouterr()
     try:
         os.environ.clear()
@@ -193,6 +200,7 @@ def run_main(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, alarm)
+        dist.init_process_group, dist.TCPStore = group_starts
         os.environ.clear()
         os.environ.update(saved_env)
         os.chdir(saved_cwd)
@@ -201,7 +209,6 @@ def run_main(
         logger.setLevel(saved_logger[1])
         signal.signal(signal.SIGINT, sigint)
     out, err = capfd.readouterr()
-    assert not dist.is_initialized(), "the call left a process group: test this path with run_job"
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "the call left SIGTERM blocked"
     return subprocess.CompletedProcess(["python", "-m", "job", *args], code, out, err)
 
