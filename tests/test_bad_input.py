@@ -68,8 +68,9 @@ def _launched(world_size: int, rank: int, **more: str) -> dict[str, str]:
     )  # fmt: skip
 
 
-def _train_args(case: dict, finished_run, tiny_root, bad_roots) -> list[str]:
-    extra = [arg.format(**{k: str(v) for k, v in bad_roots.items()}) for arg in case]
+def _train_args(extra: list[str], finished_run, tiny_root, bad_roots) -> list[str]:
+    """`train` aimed at the finished run, with a case's overrides or --config (bad_roots' names filled in)."""
+    extra = [arg.format(**{k: str(v) for k, v in bad_roots.items()}) for arg in extra]
     config = extra[:2] if extra[:1] == ["--config"] else []
     return ["train", *config, *tiny_overrides(tiny_root, finished_run), *extra[len(config) :]]
 
