@@ -80,6 +80,9 @@ class RunConfig:
     """Name of the run; the run directory defaults to runs/<name>."""
     dir: str | None = None
     """Run directory (null: runs/<name>); only rank 0 writes here."""
+    lock_wait_s: int = 120
+    """Seconds to wait for the run directory's lock while a job on another host (or an earlier boot)
+    holds it, then exit 1; outlasts a dead host's NFS lock lease (90 s by default)."""
 
 
 @dataclass
@@ -182,6 +185,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "a plain name: letters, digits, '.', '_', '-', not starting with '.'",
     ),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
+    "run.lock_wait_s": (_between(0, 7 * 24 * 3600), "between 0 (no wait) and 604800 (a week)"),
     "dist.timeout_s": (_between(1, 7 * 24 * 3600), "between 1 and 604800 (a week)"),
     "tracking.uri": (lambda v: v is None or v.strip() != "", "null ($MLFLOW_TRACKING_URI) or a tracking URI"),
     "tracking.experiment": (lambda v: v.strip() != "", "a non-empty experiment name"),

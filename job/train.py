@@ -67,7 +67,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
     with distributed(cfg.dist, env) as ctx:
         start_rank(cfg, ctx)
-        with lost_peers_in_one_line(cfg, ctx), run_dir_locked(ctx, RunDir(cfg.run_dir)):
+        with lost_peers_in_one_line(cfg, ctx), run_dir_locked(ctx, RunDir(cfg.run_dir), cfg.run.lock_wait_s):
             # Where to start is decided before the data step (which may download for minutes) and the
             # run directory written after it, so bad input never leaves a half-made or damaged one behind.
             checkpoints = Checkpoints(cfg, ctx, RunDir(cfg.run_dir))
@@ -428,10 +428,10 @@ def start_rank(cfg: Config, ctx: DistContext) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_locked(ctx: DistContext, run: RunDir) -> Iterator[None]:
-    """Rank 0 holds the run directory's lock (job/run_dir.py) for the whole run; every rank stops
-    if it cannot be taken."""
-    lock = RunDirLock(run)
+def run_dir_locked(ctx: DistContext, run: RunDir, wait_s: float) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (job/run_dir.py) for the whole run, waiting up to
+    `wait_s` seconds for a holder on another host; every rank stops if it cannot be taken."""
+    lock = RunDirLock(run, wait_s)
     on_some_ranks(ctx, ctx.is_leader, "locking the run directory", lock.acquire)
     try:
         yield

@@ -287,7 +287,13 @@ def test_a_node_whose_rendezvous_store_host_froze_stops_within_a_bound(
             ]  # fmt: skip
             log = (tmp_path / f"node{node}.log").open("w")
             nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT))
-            time.sleep(1)  # node 0 first: it hosts the store
+            deadline = time.monotonic() + 120
+            while node == 0 and not any(  # node 0 first: its agent hosts the store
+                c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                for c in psutil.Process(nodes[0].pid).net_connections(kind="tcp")
+            ):
+                assert time.monotonic() < deadline and nodes[0].poll() is None, (tmp_path / "node0.log").read_text()
+                time.sleep(0.05)
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("started-*"))) < 2:
             assert time.monotonic() < deadline and nodes[1].poll() is None, (tmp_path / "node1.log").read_text()
