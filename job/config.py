@@ -110,7 +110,9 @@ class SpeedConfig:
     channels_last: bool = False
     """Convolutions in channels-last memory layout (the layout GPU tensor cores want); changes the bits."""
     compile: bool = False
-    """torch.compile the model (needs a C++ compiler; the first steps pay the compile time); changes the bits."""
+    """torch.compile the forward pass and loss for the full rank batch (needs a C++ compiler); an epoch's
+    partial last batch runs eagerly (no recompile in the loop); the compile time is logged apart and kept
+    out of samples/s; changes the bits."""
     tf32: bool = False
     """TF32 (10-bit mantissa) for CUDA matmuls and cuDNN convolutions on Ampere and later; changes the bits."""
     data_on_device: bool = True

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -111,6 +111,8 @@ class Trainer:
         # switches its global generator to its own stream, which dropout draws from.
         seed_parameter_init(cfg.seed)
         self.model, self.step_model = build_train_model(cfg, ctx)
+        self.compiled_loss = compile_loss(self.loss_of) if cfg.speed.compile else None
+        self.compile_seconds: float | None = None  # the first compiled step's host time, once measured
         seed_rank_streams(cfg.seed, ctx.rank)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
@@ -201,6 +203,7 @@ class Trainer:
         bar = ProgressBar(self.num_batches - skip, f"Epoch {epoch}", enabled=self.ctx.is_leader)
         self.step_model.train()
         samples_before, checkpoint_seconds, start = self.progress.samples_trained, 0.0, time.perf_counter()
+        compiles_now = self.compiled_loss is not None and self.compile_seconds is None
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
         self.ctx.at.phase = None
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
@@ -217,6 +220,8 @@ class Trainer:
             torch.cuda.synchronize(self.ctx.device)
         self.print_logged_loss(bar)  # the epoch's last interval, before its summary and test lines
         seconds = time.perf_counter() - start - checkpoint_seconds
+        if compiles_now and self.compile_seconds is not None:
+            seconds -= self.compile_seconds  # reported once, apart (compiled_step_loss)
         bar.clear()
         self.progress.train_seconds += seconds
         samples_per_second = (self.progress.samples_trained - samples_before) / seconds
@@ -238,9 +243,7 @@ class Trainer:
         if self.cfg.speed.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            output = self.step_model(images)
-        loss = F.nll_loss(output.float(), labels)  # CPU autocast leaves log_softmax in bf16
+        loss = self.compiled_step_loss(images, labels) if self.compiled_loss else self.loss_of(images, labels)
         loss.backward()
         for group in self.optimizer.param_groups:  # from the position alone: a resume takes the same rates
             group["lr"] = self.learning_rate(self.progress.global_step)
@@ -250,6 +253,27 @@ class Trainer:
     def learning_rate(self, step: int) -> float:
         """The learning rate of the step taken after `step` steps (job/schedule.py)."""
         return learning_rate(self.cfg.optim, step, self.total_steps)
+
+    def loss_of(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The forward pass and the loss: what speed.compile compiles (the backward follows the graph)."""
+        with self.autocast():
+            output = self.step_model(images)
+        return F.nll_loss(output.float(), labels)  # CPU autocast leaves log_softmax in bf16
+
+    def compiled_step_loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """loss_of through the graph compiled for the full rank batch; an epoch's partial last batch
+        runs eagerly instead of recompiling inside the timed loop. The first call compiles: its
+        host time is logged once and kept out of the epoch's samples/s (compile_seconds)."""
+        if len(labels) != self.rank_batch:
+            return self.loss_of(images, labels)
+        if self.compile_seconds is not None:
+            return self.compiled_loss(images, labels)
+        start = time.perf_counter()
+        loss = self.compiled_loss(images, labels)  # compiling is host work: no device sync is needed to time it
+        self.compile_seconds = time.perf_counter() - start
+        if self.ctx.is_leader:
+            log.info(f"speed.compile: the training step compiled in {self.compile_seconds:.1f} s (out of samples/s)")
+        return loss
 
     def log_step(self, epoch: int, batch_idx: int, loss: torch.Tensor, bar: ProgressBar) -> None:
         """At a log interval: print the previous interval's line, then start this one's loss (the
@@ -550,9 +574,16 @@ def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Modu
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         step_model = DistributedDataParallel(model, device_ids=device_ids)
         step_model.register_comm_hook(None, mean_in_rank_order)
-    if cfg.speed.compile:
-        step_model = torch.compile(step_model)
     return model, step_model
+
+
+def compile_loss(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable:
+    """torch.compile of the forward pass and loss (the DDP wrapper inside, so its buckets are
+    respected), for one shape: dynamic=False, since the only other shape, an epoch's partial last
+    batch, runs eagerly (Trainer.compiled_step_loss). With the default dynamic=None that batch
+    recompiled inside the timed loop and every later batch ran the dynamic-shape graph (issue 25:
+    4,025 samples/s on an H200, slower than eager)."""
+    return torch.compile(loss_of, dynamic=False)
 
 
 def threads_decided_by(ctx: DistContext) -> str:

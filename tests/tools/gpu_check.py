@@ -171,7 +171,7 @@ class Check:
                  needs=("smoke",), seconds_needed=40),
             *(
                 Step(f"speed.{switch}", "trains on the device and learns"
-                     + ("; =false (host-gathered batches) gives the default's bits" if switch == "data_on_device" else ""),
+                     + ("; =false (host batches) gives the default's bits" if switch == "data_on_device" else ""),
                      needs=("smoke",), cuda_only=switch == "tf32", seconds_needed=60 if switch == "compile" else 20)
                 for switch in SWITCHES
             ),
