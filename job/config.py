@@ -54,6 +54,16 @@ class OptimConfig:
     """SGD learning rate."""
     momentum: float = 0.5
     """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum (torch.optim.SGD's nesterov; Sutskever et al. 2013); needs optim.momentum > 0."""
+    weight_decay: float = 0.0
+    """L2 penalty added to every gradient, as torch.optim.SGD's weight_decay (0: none)."""
+    schedule: Literal["constant", "onecycle"] = "constant"
+    """The learning rate of each step (job/schedule.py): constant = optim.lr throughout; onecycle = a
+    linear rise to optim.lr over the first optim.warmup of all steps, then a linear fall towards 0 at
+    the last step (Smith and Topin 2019, "Super-Convergence", the linear one-cycle policy)."""
+    warmup: float = 0.2
+    """onecycle: the fraction of all steps (train.epochs x steps per epoch) spent rising to optim.lr."""
 
 
 @dataclass
@@ -175,6 +185,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "optim.lr": (lambda v: 0.0 < v <= 10.0, "in (0, 10]"),
     "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.weight_decay": (_between(0.0, 1.0), "in [0, 1]"),
+    "optim.warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1) (a fraction of all steps)"),
     "train.epochs": (_between(1, 10_000), "between 1 and 10000"),
     "train.log_interval": (_between(1, 1_000_000), "between 1 and 1000000"),
     "train.resume": (lambda v: v != "", "auto, never or a checkpoint path"),
@@ -229,6 +241,10 @@ def config_from_dict(tree: dict[str, Any], source: str = "config", sources: dict
         value = get_dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={show(value)} is out of range: must be {expected}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:  # torch.optim.SGD refuses it at the first step
+        raise ConfigError(
+            "optim.nesterov=true needs momentum: set optim.momentum > 0 (e.g. 0.9) or optim.nesterov=false"
+        )
     return cfg
 
 
