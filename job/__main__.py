@@ -211,12 +211,19 @@ def _say(kind: str, message: str) -> None:
     print(f"{tag}{kind}: {message}", file=sys.stderr, flush=True)
 
 
+def exit_code(argv: Sequence[str] | None = None, as_program: bool = False) -> int:
+    """main()'s exit code, argparse's own exits included: the code `python -m job ARGV` exits with
+    (tests call it in their process for messages and checks that fail before a process group starts)."""
+    try:
+        return main(argv, as_program)
+    except SystemExit as e:  # argparse (--help, a usage error) has printed its message
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+
+
 def _run_and_exit() -> None:
     """main(), then exit_now with its code on every path, a bug's traceback included."""
     try:
-        code = main(as_program=True)
-    except SystemExit as e:  # argparse (--help, a usage error) has printed its message
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        code = exit_code(as_program=True)
     except BaseException as e:  # a bug: its traceback as Python prints it, then the same exit
         keep_until_exit(e)
         traceback.print_exc()

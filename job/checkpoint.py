@@ -80,9 +80,29 @@ _FIELDS: dict[str, type] = {
 }
 
 
+ADDED_RECIPE_KEYS = ("optim.nesterov", "optim.weight_decay", "optim.schedule")
+"""Recipe keys added after checkpoints were first written: recorded only when set away from their
+default, so a checkpoint written before them (at their defaults) keeps its recipe digest and resumes."""
+
+SCHEDULE_KEYS = ("optim.warmup", "train.epochs")
+"""What a step's learning rate depends on besides optim.lr under a schedule (job/schedule.py: the
+run's length and its warm-up): recorded when optim.schedule is not constant, so a resume cannot
+change the rate of the steps still to come."""
+
+RECORDABLE_KEYS = RECIPE_KEYS + ADDED_RECIPE_KEYS + SCHEDULE_KEYS
+
+
 def recipe(cfg: Config) -> dict[str, Any]:
-    """The values of RECIPE_KEYS in `cfg`, as a checkpoint records them."""
-    return {key: get_dotted(cfg, key) for key in RECIPE_KEYS}
+    """The values of RECIPE_KEYS in `cfg`, and of ADDED_RECIPE_KEYS and SCHEDULE_KEYS where they
+    count, as a checkpoint records them."""
+    defaults = Config()
+    values = {key: get_dotted(cfg, key) for key in RECIPE_KEYS}
+    values |= {
+        key: get_dotted(cfg, key) for key in ADDED_RECIPE_KEYS if get_dotted(cfg, key) != get_dotted(defaults, key)
+    }
+    if cfg.optim.schedule != "constant":
+        values |= {key: get_dotted(cfg, key) for key in SCHEDULE_KEYS}
+    return values
 
 
 def recipe_digest(values: dict[str, Any]) -> str:
@@ -327,7 +347,13 @@ class Checkpoints:
         current = recipe(self.cfg)
         if recipe_digest(current) != state["recipe_digest"]:
             old = state["recipe"]
-            changed = [f"{k} {show(old.get(k))} -> {show(v)}" for k, v in current.items() if old.get(k) != v]
+            keys = [*current, *(key for key in RECORDABLE_KEYS if key in old and key not in current)]  # absent: default
+            was = {key: old.get(key, get_dotted(Config(), key)) for key in keys}
+            changed = [
+                f"{k} {show(was[k])} -> {show(get_dotted(self.cfg, k))}"
+                for k in keys
+                if was[k] != get_dotted(self.cfg, k)
+            ]
             raise ConfigError(
                 f"cannot resume from {path}: the config changed in a way a resume cannot follow "
                 f"({', '.join(changed) or 'recipe digest differs'}); restore the old value(s), or start a new run "

@@ -54,6 +54,16 @@ class OptimConfig:
     """SGD learning rate."""
     momentum: float = 0.5
     """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum (torch.optim.SGD's nesterov; Sutskever et al. 2013); needs optim.momentum > 0."""
+    weight_decay: float = 0.0
+    """L2 penalty added to every gradient, as torch.optim.SGD's weight_decay (0: none)."""
+    schedule: Literal["constant", "onecycle"] = "constant"
+    """The learning rate of each step (job/schedule.py): constant = optim.lr throughout; onecycle = a
+    linear rise to optim.lr over the first optim.warmup of all steps, then a linear fall towards 0 at
+    the last step (Smith and Topin 2019, "Super-Convergence", the linear one-cycle policy)."""
+    warmup: float = 0.2
+    """onecycle: the fraction of all steps (train.epochs x steps per epoch) spent rising to optim.lr."""
 
 
 @dataclass
@@ -80,6 +90,9 @@ class RunConfig:
     """Name of the run; the run directory defaults to runs/<name>."""
     dir: str | None = None
     """Run directory (null: runs/<name>); only rank 0 writes here."""
+    lock_wait_s: int = 120
+    """Seconds to wait for the run directory's lock while a job on another host (or an earlier boot)
+    holds it, then exit 1; outlasts a dead host's NFS lock lease (90 s by default)."""
 
 
 @dataclass
@@ -172,6 +185,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "model.dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "optim.lr": (lambda v: 0.0 < v <= 10.0, "in (0, 10]"),
     "optim.momentum": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "optim.weight_decay": (_between(0.0, 1.0), "in [0, 1]"),
+    "optim.warmup": (lambda v: 0.0 <= v < 1.0, "in [0, 1) (a fraction of all steps)"),
     "train.epochs": (_between(1, 10_000), "between 1 and 10000"),
     "train.log_interval": (_between(1, 1_000_000), "between 1 and 1000000"),
     "train.resume": (lambda v: v != "", "auto, never or a checkpoint path"),
@@ -182,6 +197,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
         "a plain name: letters, digits, '.', '_', '-', not starting with '.'",
     ),
     "run.dir": (lambda v: v is None or v != "", "null or a non-empty path"),
+    "run.lock_wait_s": (_between(0, 7 * 24 * 3600), "between 0 (no wait) and 604800 (a week)"),
     "dist.timeout_s": (_between(1, 7 * 24 * 3600), "between 1 and 604800 (a week)"),
     "tracking.uri": (lambda v: v is None or v.strip() != "", "null ($MLFLOW_TRACKING_URI) or a tracking URI"),
     "tracking.experiment": (lambda v: v.strip() != "", "a non-empty experiment name"),
@@ -225,6 +241,10 @@ def config_from_dict(tree: dict[str, Any], source: str = "config", sources: dict
         value = get_dotted(cfg, key)
         if not ok(value):
             raise ConfigError(f"{key}={show(value)} is out of range: must be {expected}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:  # torch.optim.SGD refuses it at the first step
+        raise ConfigError(
+            "optim.nesterov=true needs momentum: set optim.momentum > 0 (e.g. 0.9) or optim.nesterov=false"
+        )
     return cfg
 
 

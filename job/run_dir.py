@@ -162,17 +162,16 @@ class RunDirLock:
     `<job>-<index>` of the pod it replaces, which may still hold the lock (frozen, or on a node
     whose NFS lease has not expired). A holder this process can see alive (same boot, its pid
     running since the same tick) is another job on this host: refused at once. Any other holder
-    is waited for, up to WAIT_FOR_OTHER_HOSTS_S. Contention is a run-time condition either way
+    is waited for, up to `wait_s` (config run.lock_wait_s). Contention is a run-time condition either way
     (RunFailedError, exit 1: a retry may find the directory free), never bad input: a scheduler
     that fails a job for good on exit 2 (the Job's podFailurePolicy) must not do so here.
     """
 
-    WAIT_FOR_OTHER_HOSTS_S = 120
-    """How long to wait for a holder this process cannot see before giving up: a lock held by a host
-    that died lasts until its NFS lease expires (90 s by default), e.g. when a pod is replaced."""
-
-    def __init__(self, run: RunDir) -> None:
+    def __init__(self, run: RunDir, wait_s: float) -> None:
+        """`wait_s`: seconds to wait for a holder this process cannot see before giving up (a lock
+        held by a host that died lasts until its NFS lease expires, e.g. when a pod is replaced)."""
         self.run = run
+        self.wait_s = wait_s
         self._fd: int | None = None
         self._created = False
 
@@ -191,7 +190,7 @@ class RunDirLock:
                 f"cannot write run directory {path} ({e.strerror}); set run.dir to a writable path"
             ) from None
         refuse_symlinks(self.run.written())
-        deadline, waiting = time.monotonic() + self.WAIT_FOR_OTHER_HOSTS_S, False
+        deadline, waiting = time.monotonic() + self.wait_s, False
         while True:
             try:
                 fd = self._open_locked()
@@ -212,7 +211,7 @@ class RunDirLock:
             if not waiting:
                 log.warning(
                     f"run directory {path} is locked by another job ({holder or 'holder unknown'}), on another host "
-                    f"or an earlier boot: waiting up to {self.WAIT_FOR_OTHER_HOSTS_S} s for it to end"
+                    f"or an earlier boot: waiting up to {self.wait_s:g} s for it to end"
                 )
                 waiting = True
             time.sleep(2)

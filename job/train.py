@@ -45,6 +45,7 @@ from job.provenance import source_commit
 from job.run_dir import RunDir, RunDirLock
 from job.safe_io import atomic_save, atomic_write_json, atomic_write_text
 from job.same_run import check_same_run, run_identity
+from job.schedule import learning_rate
 from job.seeding import bit_environment, configure_numerics, seed_parameter_init, seed_rank_streams
 from job.tracking import Tracking
 
@@ -67,7 +68,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     flight_recorder_env(cfg.run_dir)  # read by an NCCL process group when it starts
     with distributed(cfg.dist, env) as ctx:
         start_rank(cfg, ctx)
-        with lost_peers_in_one_line(cfg, ctx), run_dir_locked(ctx, RunDir(cfg.run_dir)):
+        with lost_peers_in_one_line(cfg, ctx), run_dir_locked(ctx, RunDir(cfg.run_dir), cfg.run.lock_wait_s):
             # Where to start is decided before the data step (which may download for minutes) and the
             # run directory written after it, so bad input never leaves a half-made or damaged one behind.
             checkpoints = Checkpoints(cfg, ctx, RunDir(cfg.run_dir))
@@ -113,7 +114,14 @@ class Trainer:
         self.compiled_loss = compile_loss(self.loss_of) if cfg.speed.compile else None
         self.compile_seconds: float | None = None  # the first compiled step's host time, once measured
         seed_rank_streams(cfg.seed, ctx.rank)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.total_steps = cfg.train.epochs * self.num_batches  # the length optim.schedule spans
 
         self.progress = Progress()
         # The loss of the latest log interval, on its way to the host while the next steps run: it
@@ -237,8 +245,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compiled_step_loss(images, labels) if self.compiled_loss else self.loss_of(images, labels)
         loss.backward()
+        for group in self.optimizer.param_groups:  # from the position alone: a resume takes the same rates
+            group["lr"] = self.learning_rate(self.progress.global_step)
         self.optimizer.step()
         return loss
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the step taken after `step` steps (job/schedule.py)."""
+        return learning_rate(self.cfg.optim, step, self.total_steps)
 
     def loss_of(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The forward pass and the loss: what speed.compile compiles (the backward follows the graph)."""
@@ -299,7 +313,7 @@ class Trainer:
             f"  Loss: {mean_loss:.6f}"
         )
         examples_seen = (epoch - 1) * dataset_size + done
-        self.metrics.train_step(logged.step, epoch, examples_seen, mean_loss, cfg.optim.lr)
+        self.metrics.train_step(logged.step, epoch, examples_seen, mean_loss, self.learning_rate(logged.step - 1))
 
     def checkpoint_or_stop(self, epoch: int, stop: StopRequest, vote: StopVote | None, bar: ProgressBar) -> float:
         """After a step: write a checkpoint when one is due or the ranks agreed to stop, then stop
@@ -428,10 +442,10 @@ def start_rank(cfg: Config, ctx: DistContext) -> None:
 
 
 @contextlib.contextmanager
-def run_dir_locked(ctx: DistContext, run: RunDir) -> Iterator[None]:
-    """Rank 0 holds the run directory's lock (job/run_dir.py) for the whole run; every rank stops
-    if it cannot be taken."""
-    lock = RunDirLock(run)
+def run_dir_locked(ctx: DistContext, run: RunDir, wait_s: float) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock (job/run_dir.py) for the whole run, waiting up to
+    `wait_s` seconds for a holder on another host; every rank stops if it cannot be taken."""
+    lock = RunDirLock(run, wait_s)
     on_some_ranks(ctx, ctx.is_leader, "locking the run directory", lock.acquire)
     try:
         yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -147,6 +148,89 @@ def run_probe(name: str, args: list[str], nproc: int) -> subprocess.CompletedPro
     """A script from tests/probes/ under torchrun: for checks that need to look inside the ranks."""
     cmd = [*_torchrun(nproc), str(REPO / "tests/probes" / name), *args]
     return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+
+def run_main(
+    capfd: pytest.CaptureFixture[str],
+    args: list[str],
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m job ARGS` called in this process (job.__main__.exit_code): its exit code and what
+    it printed (capfd), as run_job returns them, without a process start and a torch import.
+
+    For bad input and checks that fail before a process group starts; a path that starts one, or
+    ends the process (job.process_exit), stays a run_job. The call sees os.environ = `env`
+    (clean_env() unless given) and works in `cwd`; afterwards whatever the job set in this process
+    is put back: os.environ, the working directory, torch's numerics switches and threads, the
+    "job" logger, SIGINT's handler. A call still running after `timeout` s (a read blocked on a
+    FIFO) is interrupted with TimeoutError. A call that would start a process group or its store
+    fails the test at once (in this process it could wait for peers that never come, and its
+    deadline ends the process with os._exit), as does one that left SIGTERM blocked: such a path
+    belongs in a subprocess."""
+    import torch.distributed as dist
+
+    from job.__main__ import exit_code
+
+    env = clean_env() if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env:  # the job would watch, and signal, this process's parent
+        raise ValueError("an elastic agent's environment: use run_job")
+    saved_env, saved_cwd, saved_numerics = dict(os.environ), os.getcwd(), _numerics()
+    logger = logging.getLogger("job")
+    saved_logger = (list(logger.handlers), logger.level, logger.propagate)
+    sigint = signal.getsignal(signal.SIGINT)
+
+    def too_long(*_: object) -> None:
+        raise TimeoutError(f"python -m job {' '.join(args)} still ran after {timeout} s")
+
+    def no_group(*_: object, **__: object) -> None:
+        raise AssertionError(f"python -m job {' '.join(args)} starts a process group: test it with run_job")
+
+    alarm = signal.signal(signal.SIGALRM, too_long)
+    group_starts = dist.init_process_group, dist.TCPStore
+    dist.init_process_group = dist.TCPStore = no_group
+    capfd.readouterr()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        os.chdir(cwd or REPO)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        code = exit_code(args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+        dist.init_process_group, dist.TCPStore = group_starts
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        _set_numerics(saved_numerics)
+        logger.handlers[:], logger.propagate = saved_logger[0], saved_logger[2]
+        logger.setLevel(saved_logger[1])
+        signal.signal(signal.SIGINT, sigint)
+    out, err = capfd.readouterr()
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "the call left SIGTERM blocked"
+    return subprocess.CompletedProcess(["python", "-m", "job", *args], code, out, err)
+
+
+def _numerics() -> tuple:
+    """What job.seeding.configure_numerics and job.process_group set in the process."""
+    return (
+        torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def _set_numerics(saved: tuple) -> None:
+    deterministic, warn_only, fill, matmul_tf32, cudnn_tf32, cudnn_deterministic, benchmark, threads = saved
+    if _numerics()[:2] != (deterministic, warn_only):  # the call imports torch._inductor (seconds)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_deterministic, benchmark
+    torch.set_num_threads(threads)
 
 
 def kill_tree(pid: int) -> None:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import REPO, assert_one_line_error, run_job
+from helpers import REPO, assert_one_line_error, run_job, run_main
 
 from job.config import DEFAULT_CONFIG, Config, config_from_dict, config_to_dict, dump_config, load_config
 from job.errors import ConfigError
@@ -140,7 +140,6 @@ def test_empty_config_file_means_defaults(tmp_path):
     assert load_config(path) == Config()
 
 
-@pytest.mark.processes
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -152,23 +151,38 @@ def test_empty_config_file_means_defaults(tmp_path):
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
-    result = run_job(args, cwd=tmp_path)
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capfd, args, needle):
+    result = run_main(capfd, args, cwd=tmp_path)
     assert result.returncode == 2
     assert_one_line_error(result, needle)
     assert list(tmp_path.iterdir()) == [], "bad input must not create files"
 
 
 @pytest.mark.processes
-def test_cli_yaml_syntax_error_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),  # argparse's exit
+        (["train", "optim.lrr=0.1"], "unknown config key optim.lrr"),  # the job's own error
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2_from_a_real_process(tmp_path, args, needle):
+    """The process boundary the in-process tests stand in for: `python -m job` ends through
+    job.process_exit with exit 2, one line on stderr, no traceback, nothing written."""
+    result = run_job(args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, needle)
+    assert list(tmp_path.iterdir()) == [], "bad input must not create files"
+
+
+def test_cli_yaml_syntax_error_is_one_line(tmp_path, capfd):
     (tmp_path / "bad.yaml").write_text("train: {epochs: 3\n")
-    result = run_job(["train", "--config", "bad.yaml"], cwd=tmp_path)
+    result = run_main(capfd, ["train", "--config", "bad.yaml"], cwd=tmp_path)
     assert_one_line_error(result, "YAML syntax error at line")
 
 
-@pytest.mark.processes
-def test_cli_config_prints_the_resolved_config(tmp_path):
-    result = run_job(["config", "optim.lr=0.05"], cwd=tmp_path)
+def test_cli_config_prints_the_resolved_config(tmp_path, capfd):
+    result = run_main(capfd, ["config", "optim.lr=0.05"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "lr: 0.05" in result.stdout and "dir: runs/default" in result.stdout
 
@@ -252,10 +266,9 @@ def test_global_batch_splits_evenly_or_is_refused():
         rank_batch_size(2, 4)
 
 
-@pytest.mark.processes
-def test_cli_config_checks_the_batch_split_for_a_world_size(tmp_path):
-    assert_one_line_error(run_job(["config", "--world-size", "3"], cwd=tmp_path), "does not split evenly")
-    assert run_job(["config", "--world-size", "4"], cwd=tmp_path).returncode == 0
+def test_cli_config_checks_the_batch_split_for_a_world_size(tmp_path, capfd):
+    assert_one_line_error(run_main(capfd, ["config", "--world-size", "3"], cwd=tmp_path), "does not split evenly")
+    assert run_main(capfd, ["config", "--world-size", "4"], cwd=tmp_path).returncode == 0
 
 
 def test_a_typo_in_an_override_is_blamed_on_the_override_not_the_file():

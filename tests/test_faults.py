@@ -63,6 +63,19 @@ def reference(medium_root, tmp_path_factory):
     return runs
 
 
+LONGER = "train.epochs=10"
+"""10 epochs (500 steps): workers whose launcher is killed cannot finish before their watch notices
+(1 s) on a fast machine."""
+
+
+@pytest.fixture(scope="module")
+def longer_reference(medium_root, tmp_path_factory):
+    """The uninterrupted 2-rank run of LONGER, trained once for every launcher's test."""
+    run_dir = tmp_path_factory.mktemp("longer") / "run"
+    assert_ok(run_job(train_args(medium_root, run_dir, LONGER), nproc=2))
+    return run_dir
+
+
 def torchrun(nproc: int, *flags: str) -> list[str]:
     return [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(nproc), *flags, "-m", "job"]
 
@@ -150,13 +163,14 @@ LAUNCHERS = {
 
 @pytest.mark.processes
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medium_root, reference, tmp_path, launcher):
+def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(
+    medium_root, longer_reference, tmp_path, launcher
+):
     """Issue 22 case 1: `kill -9` of the launcher's process group (a terminal's kill, the OOM
     killer taking the agent) leaves the workers, each in a session of its own, without a parent.
     They stop as if preempted: a checkpoint, exit 75; the same command again resumes there."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
-    # 10 epochs (500 steps): the workers cannot finish before their watch notices (1 s) on a fast machine.
-    longer = "train.epochs=10"
+    longer = LONGER
     with adopting_orphans():
         job = start([*LAUNCHERS[launcher], *train_args(medium_root, run_dir, longer)], log)
         wait_for_checkpoint(run_dir, 20, [job], log)
@@ -184,9 +198,7 @@ def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint_and_resume(medi
     )
     assert_ok(again)
     assert resumed_step(again.stdout + again.stderr) == step
-    straight = tmp_path / "straight"
-    assert_ok(run_job(train_args(medium_root, straight, longer), nproc=2))
-    assert_same_weights(run_dir, straight)
+    assert_same_weights(run_dir, longer_reference)
 
 
 @pytest.mark.processes
@@ -336,7 +348,11 @@ def test_sigterm_before_training_stops_at_once(tmp_path):
     env = clean_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     log = tmp_path / "log"
     job = start([sys.executable, "-m", "job", "train", f"run.dir={tmp_path / 'run'}"], log, env)
-    time.sleep(10)
+    port = int(env["MASTER_PORT"])
+    deadline = time.monotonic() + 120
+    while not listens_on(job.pid, port):  # rank 0 hosts the store: listening, it waits for rank 1
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()
+        time.sleep(0.05)
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=30) == -signal.SIGTERM, log.read_text()
     assert not (tmp_path / "run").exists()
@@ -346,6 +362,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` has a TCP socket listening on `port`."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for conn in psutil.Process(pid).net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+                return True
+    return False
 
 
 def launch_by_hand(
@@ -538,7 +563,11 @@ def test_a_run_time_failure_on_one_rank_is_a_run_time_failure_on_every_rank(tiny
     assert "No space left on device" in (tmp_path / "rank0.log").read_text()
 
 
-STOP_LOOP = 20
+STOP_LOOP_FAST = 6
+STOP_LOOP_MORE = 14
+"""make test runs STOP_LOOP_FAST stops, the slow tier STOP_LOOP_MORE more: .ci/run runs both, 20
+in all. At torch 2.13.0's rate (7 hangs in 15 stops) 6 stops miss such a regression 1 time in 45
+(0.53**6), 20 stops 1 in 300,000."""
 STOP_BOUND_S = 25
 """A stop's bound: a rank that hangs at exit is killed by torch's agent 30 s after its SIGTERM
 ("Unable to shutdown process ... via 15, forcefully exiting via 9"), so anything under that shows
@@ -546,16 +575,18 @@ a hang; a clean stop takes a few seconds here, however loaded (a liveness bound,
 
 
 @pytest.mark.processes
-def test_every_rank_exits_promptly_after_each_of_many_stops(tiny_root, tmp_path):
+@pytest.mark.parametrize("stops", [STOP_LOOP_FAST, pytest.param(STOP_LOOP_MORE, marks=pytest.mark.slow)])
+def test_every_rank_exits_promptly_after_each_of_many_stops(tiny_root, tmp_path, stops):
     """Issue 22 case 2: on torch 2.13.0, 7 of 15 SIGTERM stops hung at exit (the gloo process group's
     destructor against a gloo thread, for the GIL) and some aborted ("terminate called without an
-    active exception"). Each of STOP_LOOP stops of a 2-rank job must end within STOP_BOUND_S, with
-    exit 75 from every worker, and neither a forced kill nor an abort."""
+    active exception"). Each of `stops` stops of a 2-rank job (STOP_LOOP_FAST in make test, STOP_LOOP_MORE
+    in the slow tier) must end within STOP_BOUND_S, with exit 75 from every worker, and neither a
+    forced kill nor an abort."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
     launch = [sys.executable, "-m", "job.launch", "--standalone", "--nproc-per-node", "2", "-m", "job", "train"]
     args = tiny_overrides(tiny_root, run_dir, "train.epochs=10000", "checkpoint.every_steps=10", "train.log_interval=1")
     durations = []
-    for attempt in range(STOP_LOOP):
+    for attempt in range(stops):
         job = start([*launch, *args], log)
         deadline = time.monotonic() + 240
         while log.read_text().count("Train Epoch") < 3:  # training, past its first steps
@@ -566,16 +597,17 @@ def test_every_rank_exits_promptly_after_each_of_many_stops(tiny_root, tmp_path)
         try:
             code = job.wait(timeout=STOP_BOUND_S)
         except subprocess.TimeoutExpired:
-            for worker in psutil.Process(job.pid).children(recursive=True):
+            workers = psutil.Process(job.pid).children(recursive=True)
+            for worker in workers:
                 worker.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack into the log
-            time.sleep(3)
+            psutil.wait_procs(workers, timeout=10)  # the stacks are written once each has died of it
             kill_tree(job.pid)
             pytest.fail(f"stop {attempt + 1} took over {STOP_BOUND_S} s:\n{log.read_text()}")
         durations.append(time.monotonic() - signalled)
         output = log.read_text()
         assert code == EXIT_PREEMPTED, f"stop {attempt + 1}: exit {code}\n{output}"
         assert "forcefully exiting" not in output and "terminate called" not in output, output
-    print(f"{STOP_LOOP} stops: {min(durations):.1f} to {max(durations):.1f} s each")
+    print(f"{stops} stops: {min(durations):.1f} to {max(durations):.1f} s each")
 
 
 @pytest.mark.processes

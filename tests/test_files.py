@@ -22,6 +22,7 @@ from helpers import (
     make_tiny_mnist,
     mounted_tmpfs,
     run_job,
+    run_main,
     tiny_overrides,
     write_random_model,
 )
@@ -30,11 +31,10 @@ from PIL import Image
 from job.errors import EXIT_BAD_INPUT, EXIT_FAILED
 from job.run_dir import RunDir
 
-pytestmark = pytest.mark.processes
-
 # --- 3. writes through a planted symlink --------------------------------------------------------
 
 
+@pytest.mark.processes  # the run directory is taken inside a process group: a real process
 @pytest.mark.parametrize(
     ("name", "is_dir"),
     [(".lock", False), ("metrics.jsonl", False), ("config.yaml", False), ("checkpoints", True), ("tb", True)],
@@ -54,12 +54,13 @@ def test_nothing_is_written_through_a_symlink_in_the_run_directory(tiny_root, tm
     assert sorted(p.name for p in run_dir.iterdir()) == [name], "nothing else written either"
 
 
-def test_plot_writes_nothing_through_a_symlinked_plots_directory(tiny_root, tmp_path):
+@pytest.mark.processes
+def test_plot_writes_nothing_through_a_symlinked_plots_directory(tiny_root, tmp_path, capfd):
     run_dir, outside = tmp_path / "run", tmp_path / "outside"
     assert run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.epochs=1")]).returncode == 0
     outside.mkdir()
     RunDir(run_dir).plots.symlink_to(outside)
-    result = run_job(["plot", str(run_dir), "--data-root", str(tiny_root)])
+    result = run_main(capfd, ["plot", str(run_dir), "--data-root", str(tiny_root)])
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, f"{RunDir(run_dir).plots} is a symbolic link")
     assert list(outside.iterdir()) == []
@@ -73,10 +74,11 @@ def fifo(path: Path) -> Path:
     return path
 
 
-def test_a_fifo_as_evaluate_checkpoint_is_named_and_never_blocks(tiny_root, tmp_path):
+def test_a_fifo_as_evaluate_checkpoint_is_named_and_never_blocks(tiny_root, tmp_path, capfd):
     """Issue 22 case 4: it said "does not exist"."""
     pipe = fifo(RunDir(tmp_path).model)
-    result = run_job(["evaluate", "--checkpoint", str(pipe), *tiny_overrides(tiny_root, tmp_path / "run")], timeout=60)
+    args = ["evaluate", "--checkpoint", str(pipe), *tiny_overrides(tiny_root, tmp_path / "run")]
+    result = run_main(capfd, args, timeout=60)
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, f"checkpoint {pipe} is a FIFO (named pipe), not a regular file")
 
@@ -133,17 +135,32 @@ def _inputs(tmp_path: Path, tiny_root: Path) -> dict[str, tuple[list[str], str]]
     }
 
 
-INPUTS = [
-    "train --config", "train.resume", "data file", "data file, verified", "predict image", "predict --checkpoint",
-    "predict --model", "export --checkpoint", "evaluate --checkpoint, a directory",
-    "evaluate --checkpoint, a device", "plot metrics.jsonl", "plot run directory",
+# Read before a process group starts: main() in this process (a blocked read is interrupted after
+# run_main's timeout); read by a rank in a process group: a real `python -m job`.
+BEFORE_THE_GROUP = [
+    "train --config", "predict image", "predict --checkpoint", "predict --model", "export --checkpoint",
+    "evaluate --checkpoint, a directory", "evaluate --checkpoint, a device", "plot metrics.jsonl",
+    "plot run directory",
 ]  # fmt: skip
+WITH_THE_GROUP = ["train.resume", "data file", "data file, verified"]
 
 
-@pytest.mark.parametrize("which", INPUTS)
-def test_every_input_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_root, tmp_path, which):
+@pytest.mark.parametrize("which", BEFORE_THE_GROUP)
+def test_every_input_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_root, tmp_path, capfd, which):
+    args, needle = _inputs(tmp_path, tiny_root)[which]
+    result = run_main(capfd, args, timeout=60)  # a read blocked on the FIFO would time out
+    _assert_named(result, needle, tmp_path)
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("which", WITH_THE_GROUP)
+def test_every_input_a_rank_reads_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_root, tmp_path, which):
     args, needle = _inputs(tmp_path, tiny_root)[which]
     result = run_job(args, timeout=60)  # a read blocked on the FIFO would time out
+    _assert_named(result, needle, tmp_path)
+
+
+def _assert_named(result: subprocess.CompletedProcess[str], needle: str, tmp_path: Path) -> None:
     assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
     line = assert_one_line_error(result, needle)
     assert "does not exist" not in line
@@ -166,6 +183,7 @@ def full_tmpfs(tmp_path):
         yield path
 
 
+@pytest.mark.processes
 def test_a_volume_full_at_start_is_one_line_that_says_free_space(tiny_root, full_tmpfs):
     """Issue 22 case 5: a traceback `OSError: [Errno 28]` from RunDirLock.acquire, and the other rank
     blamed an OOM kill. Now one line from rank 0, exit 1 (space can be freed: a retry may pass)."""
@@ -177,6 +195,7 @@ def test_a_volume_full_at_start_is_one_line_that_says_free_space(tiny_root, full
     assert "OOM" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.processes
 def test_a_run_directory_made_read_only_mid_run_is_the_one_line_seen(tmp_path):
     """Issue 22 case 5: the job's own line was replaced by a traceback `OSError: [Errno 30] Read-only
     file system: '.../.lock'` from RunDirLock.release in a `finally`, and the line said "free space".

@@ -18,6 +18,7 @@ from helpers import (
     checkpoint,
     make_tiny_mnist,
     run_job,
+    run_main,
     snapshot,
     tiny_overrides,
 )
@@ -141,7 +142,7 @@ def test_train_resume_from_a_newer_torch_file_names_both_versions(finished, tmp_
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "export"])
-def test_every_reader_of_our_files_names_a_newer_torch(finished, tmp_path, command):
+def test_every_reader_of_our_files_names_a_newer_torch(finished, tmp_path, capfd, command):
     """evaluate --checkpoint, predict --checkpoint and export --checkpoint read the same files."""
     model = RunDir(tmp_path).model
     shutil.copy(RunDir(finished[1]).model, model)
@@ -158,7 +159,7 @@ def test_every_reader_of_our_files_names_a_newer_torch(finished, tmp_path, comma
 
         Image.new("L", (28, 28)).save(image)
     before = model.read_bytes()
-    result = run_job(args)
+    result = run_main(capfd, args)  # each reads the file before any process group starts
     assert result.returncode == 2
     assert_one_line_error(
         result, f"checkpoint {model} was written by a newer torch", f"format version {NEWER}", "use the newer torch"

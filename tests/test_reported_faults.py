@@ -223,8 +223,8 @@ def test_a_rendezvous_port_held_by_another_program_fails_every_rank_with_one_lin
         foreign_listener.bind(("127.0.0.1", 0))
         foreign_listener.listen(16)
         port = foreign_listener.getsockname()[1]
-        # Generous for a loaded 2-core machine: 10 s of timeout, a 25% margin, interpreter start-up.
-        results = finish(start_ranks_by_hand("127.0.0.1", port, 10, tmp_path), within_s=120)
+        # Generous for a loaded 2-core machine: 5 s of timeout, a 25% margin, interpreter start-up.
+        results = finish(start_ranks_by_hand("127.0.0.1", port, 5, tmp_path), within_s=120)
     for code, err in results:
         assert code == 2, err
         errors = [line for line in err.splitlines() if "error: " in line]
@@ -234,7 +234,7 @@ def test_a_rendezvous_port_held_by_another_program_fails_every_rank_with_one_lin
 
 @pytest.mark.processes
 def test_an_address_that_does_not_resolve_is_the_last_and_only_line(tmp_path):
-    results = finish(start_ranks_by_hand("no-such-host.invalid", 29500, 10, tmp_path), within_s=120)
+    results = finish(start_ranks_by_hand("no-such-host.invalid", 29500, 5, tmp_path), within_s=120)
     for code, err in results:
         assert code == 2
         lines = [line for line in err.splitlines() if line.strip()]
