@@ -1,4 +1,5 @@
-"""Fixtures only; the helpers they use, and the tests use, are in helpers.py."""
+"""Fixtures only; the helpers they use, and the tests use, are in helpers.py; the finished runs
+they share, trained once per session, are defined in reference_runs.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,59 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import reference_runs
 from helpers import BIN, REPO, MlflowServer, make_tiny_mnist
+from reference_runs import FinishedRun
 
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated MNIST-layout dataset: 512 training and 203 test samples."""
     return make_tiny_mnist(tmp_path_factory.mktemp("tiny") / "data")
+
+
+# --- finished runs shared by the tests that only read them (reference_runs.py) ----------------
+# Each is trained once per session by the first test that asks for it (a `processes` test); the
+# function-scoped fixture a test takes checks after the test that it left the run as it was.
+
+
+@pytest.fixture(scope="session")
+def _one_process_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    return reference_runs.train(tiny_root, tmp_path_factory.mktemp("one-process"), *reference_runs.ONE_PROCESS)
+
+
+@pytest.fixture(scope="session")
+def _two_rank_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    return reference_runs.train(tiny_root, tmp_path_factory.mktemp("two-ranks"), *reference_runs.TWO_RANKS)
+
+
+@pytest.fixture(scope="session")
+def _two_rank_checkpointed_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    base = tmp_path_factory.mktemp("two-ranks-checkpointed")
+    return reference_runs.train(tiny_root, base, *reference_runs.TWO_RANKS_CHECKPOINTED)
+
+
+@pytest.fixture
+def one_process_run(_one_process_run: FinishedRun, request: pytest.FixtureRequest) -> Iterator[FinishedRun]:
+    """reference_runs.ONE_PROCESS, finished: read it, or copy it to change it."""
+    yield _one_process_run
+    _one_process_run.assert_untouched(request.node.nodeid)
+
+
+@pytest.fixture
+def two_rank_run(_two_rank_run: FinishedRun, request: pytest.FixtureRequest) -> Iterator[FinishedRun]:
+    """reference_runs.TWO_RANKS, finished: read it, or copy it to change it."""
+    yield _two_rank_run
+    _two_rank_run.assert_untouched(request.node.nodeid)
+
+
+@pytest.fixture
+def two_rank_checkpointed_run(
+    _two_rank_checkpointed_run: FinishedRun, request: pytest.FixtureRequest
+) -> Iterator[FinishedRun]:
+    """reference_runs.TWO_RANKS_CHECKPOINTED, finished: read it, or copy it to change it."""
+    yield _two_rank_checkpointed_run
+    _two_rank_checkpointed_run.assert_untouched(request.node.nodeid)
 
 
 def _made(target: str) -> None:

@@ -31,18 +31,9 @@ from job.run_dir import RunDir
 from job.seeding import seed_parameter_init
 
 
-@pytest.fixture(scope="module")
-def w2_run(tiny_root, tmp_path_factory):
-    """One 2-rank torchrun training on generated data, shared by the tests that read its outputs."""
-    run_dir = tmp_path_factory.mktemp("w2") / "run"
-    result = run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.log_interval=2")], nproc=2)
-    assert_ok(result)
-    return run_dir, result
-
-
 @pytest.mark.processes
-def test_torchrun_two_ranks_writes_the_run_directory_contract(w2_run):
-    run_dir, _ = w2_run
+def test_torchrun_two_ranks_writes_the_run_directory_contract(two_rank_run):
+    run_dir = two_rank_run.dir
     # The contract's names as users read them (docs/RUN-DIRECTORY.md); other tests take them from RunDir.
     assert {p.name for p in run_dir.iterdir()} >= {"config.yaml", "summary.json", "metrics.jsonl", "model.pt", "tb"}
     assert len(list(RunDir(run_dir).tensorboard.iterdir())) == 1, "only rank 0 writes TensorBoard events"
@@ -87,8 +78,8 @@ def test_tests_probes_and_tools_take_run_directory_names_from_run_dir():
 
 
 @pytest.mark.processes
-def test_metrics_and_tensorboard_hold_every_figure(w2_run):
-    run_dir, _ = w2_run
+def test_metrics_and_tensorboard_hold_every_figure(two_rank_run):
+    run_dir = two_rank_run.dir
     events = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("test") == 2 and kinds.count("train_epoch") == 2 and "train" in kinds
@@ -112,9 +103,8 @@ def test_metrics_and_tensorboard_hold_every_figure(w2_run):
 
 
 @pytest.mark.processes
-def test_log_lines_are_the_tutorials_and_rank_tagged(w2_run):
-    _, result = w2_run
-    lines = result.stdout.splitlines()
+def test_log_lines_are_the_tutorials_and_rank_tagged(two_rank_run):
+    lines = two_rank_run.result.stdout.splitlines()
     assert f"[rank 0] Train Epoch: 1 [0/{TINY_TRAIN} (0%)]  Loss: " in "\n".join(lines)
     assert any(line.startswith("[rank 0] Train Epoch: 2 [256/512 (50%)]  Loss: ") for line in lines), lines
     assert sum(line.startswith("[rank 0] Test set: Avg. loss: ") for line in lines) == 2
@@ -122,12 +112,13 @@ def test_log_lines_are_the_tutorials_and_rank_tagged(w2_run):
 
 
 @pytest.mark.processes
-def test_two_runs_give_bit_identical_weights(w2_run, tiny_root, tmp_path):
-    """Same config, same world size, dropout on: the same bits, tensor for tensor."""
-    first_dir, _ = w2_run
-    second_dir = tmp_path / "again"
-    assert_ok(run_job(["train", *tiny_overrides(tiny_root, second_dir, "train.log_interval=2")], nproc=2))
-    first, second = load_state(RunDir(first_dir).model), load_state(RunDir(second_dir).model)
+def test_two_runs_give_bit_identical_weights(two_rank_run, two_rank_checkpointed_run):
+    """Same recipe, same world size, dropout on: the same bits, tensor for tensor. The two shared
+    2-rank runs differ only in how often they log and checkpoint, which must change no bit (the
+    tests share such runs as one reference: tests/reference_runs.py)."""
+    assert two_rank_run.nproc == two_rank_checkpointed_run.nproc == 2
+    first, second = load_state(RunDir(two_rank_run.dir).model), load_state(RunDir(two_rank_checkpointed_run.dir).model)
+    assert set(first) == set(second)
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
@@ -197,9 +188,9 @@ def test_two_ranks_follow_one_rank_without_dropout(tiny_root, tmp_path):
 
 
 @pytest.mark.processes
-def test_evaluation_at_three_ranks_equals_one_rank_exactly(w2_run, tiny_root, tmp_path):
+def test_evaluation_at_three_ranks_equals_one_rank_exactly(two_rank_run, tiny_root, tmp_path):
     """203 test samples over 3 ranks: padded shards would count 204 and change the accuracy."""
-    run_dir, _ = w2_run
+    run_dir = two_rank_run.dir
     args = ["evaluate", "--checkpoint", str(RunDir(run_dir).model), *tiny_overrides(tiny_root, tmp_path / "unused")]
     outputs = {}
     for nproc in (None, 3):
@@ -265,7 +256,7 @@ def test_a_one_process_launcher_env_needs_no_master_address(tiny_root, tmp_path)
 
 
 @pytest.mark.processes
-def test_uneven_training_shards_are_announced_once(w2_run, tiny_root, tmp_path):
+def test_uneven_training_shards_are_announced_once(two_rank_run, tiny_root, tmp_path):
     overrides = tiny_overrides(tiny_root, tmp_path / "run", "data.train_limit=301", "train.epochs=1")
     result = run_job(["train", *overrides], nproc=2)
     assert_ok(result)
@@ -275,7 +266,7 @@ def test_uneven_training_shards_are_announced_once(w2_run, tiny_root, tmp_path):
         "(DistributedSampler pads the shards), so this run is not step-for-step equal to a 1-rank run; "
         "pick data.train_limit divisible by the world size"
     ]
-    assert "do not split evenly" not in w2_run[1].stderr, "512 samples split evenly over 2 ranks"
+    assert "do not split evenly" not in two_rank_run.result.stderr, "512 samples split evenly over 2 ranks"
 
 
 def test_threads_default_to_cores_per_local_process():
@@ -288,8 +279,8 @@ def test_threads_default_to_cores_per_local_process():
 
 
 @pytest.mark.processes
-def test_evaluate_reads_training_checkpoints_too(w2_run, tiny_root, tmp_path):
-    run_dir, _ = w2_run
+def test_evaluate_reads_training_checkpoints_too(two_rank_run, tiny_root, tmp_path):
+    run_dir = two_rank_run.dir
     overrides = tiny_overrides(tiny_root, tmp_path / "unused")
     result = run_job(["evaluate", "--checkpoint", str(run_dir / "checkpoints/step-000000016.pt"), *overrides])
     assert_ok(result)

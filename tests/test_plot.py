@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_ok, assert_one_line_error, run_job, tiny_overrides
+from helpers import assert_ok, assert_one_line_error, run_job
 from PIL import Image
 
 from job.plot import confusion_figure, confusion_matrix, figure_digits
@@ -16,12 +16,11 @@ from job.run_dir import RunDir
 FIGURES = ("digits.png", "training_curve.png", "confusion_matrix.png")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real training run (one process, generated data, 2 epochs)."""
-    run_dir = tmp_path_factory.mktemp("plot") / "run"
-    assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, "train.log_interval=2")]))
-    return run_dir
+@pytest.fixture
+def tiny_run(one_process_run) -> Path:
+    """A real training run (one process, generated data, 2 epochs), shared by the session: plot
+    writes into the run directory it reads, so each test plots a copy."""
+    return one_process_run.dir
 
 
 def assert_figures(plots: Path) -> None:
@@ -33,17 +32,19 @@ def assert_figures(plots: Path) -> None:
 
 
 @pytest.mark.processes
-def test_plot_writes_the_three_figures_of_a_run(tiny_run):
-    result = run_job(["plot", str(tiny_run)])
+def test_plot_writes_the_three_figures_of_a_run(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    result = run_job(["plot", str(run_dir)])
     assert_ok(result)
-    assert result.stdout.splitlines() == [f"wrote {RunDir(tiny_run).plots / name}" for name in FIGURES]
-    assert_figures(RunDir(tiny_run).plots)
+    assert result.stdout.splitlines() == [f"wrote {RunDir(run_dir).plots / name}" for name in FIGURES]
+    assert_figures(RunDir(run_dir).plots)
 
 
 @pytest.mark.processes
 def test_plot_reads_a_run_that_crashed_mid_line_and_has_only_checkpoints(tiny_run, tmp_path):
     run_dir = tmp_path / "crashed"
-    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("plots", "model.pt"))
+    shutil.copytree(tiny_run, run_dir, ignore=shutil.ignore_patterns("model.pt"))
     with open(RunDir(run_dir).metrics, "a") as f:
         f.write('{"time": 1.0, "event": "tra')
     result = run_job(["plot", str(run_dir)])
@@ -60,11 +61,11 @@ def test_plot_refuses_bad_run_directories_in_one_line(tiny_run, tmp_path):
     assert_one_line_error(run_job(["plot", str(tmp_path / "empty")]), "has no config.yaml", "not a run directory")
 
     untrained = tmp_path / "untrained"
-    shutil.copytree(tiny_run, untrained, ignore=shutil.ignore_patterns("plots", "model.pt", "step-*.pt"))
+    shutil.copytree(tiny_run, untrained, ignore=shutil.ignore_patterns("model.pt", "step-*.pt"))
     assert_one_line_error(run_job(["plot", str(untrained)]), "holds no model.pt and no checkpoint yet")
 
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(tiny_run, corrupt, ignore=shutil.ignore_patterns("plots"))
+    shutil.copytree(tiny_run, corrupt)
     RunDir(corrupt).model.write_bytes(b"garbage")
     assert_one_line_error(run_job(["plot", str(corrupt)]), "model.pt is truncated or corrupt")
     assert not RunDir(corrupt).plots.exists(), "nothing written on bad input"

@@ -1,8 +1,9 @@
 """Resume: from any checkpoint (mid-epoch too) a run ends with the bits of an uninterrupted run.
 
 One uninterrupted 2-rank run keeps all its checkpoints (every 3 steps and at both
-epoch ends: steps 3, 6, 8, 9, 12, 15, 16); the tests resume from them, damage them,
-and change the config under them.
+epoch ends: steps 3, 6, 8, 9, 12, 15, 16): the session's shared `two_rank_checkpointed_run`
+(tests/reference_runs.py). The tests resume from its checkpoints, and damage them and
+change the config under them in copies of it (it is never written to).
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ from job.progress import Progress
 from job.run_dir import RunDir
 
 CHECKPOINTING = ("checkpoint.every_steps=3", "checkpoint.keep=100")
+"""The reference's checkpoint cadence, for the runs that resume from it and the tests' own runs."""
 STEPS = [3, 6, 8, 9, 12, 15, 16]
+
+
+@pytest.fixture
+def reference(two_rank_checkpointed_run) -> Path:
+    """The uninterrupted 2-rank run's directory (shared: read it, or copy it before a change)."""
+    assert two_rank_checkpointed_run.overrides == CHECKPOINTING and two_rank_checkpointed_run.nproc == 2
+    return two_rank_checkpointed_run.dir
 
 
 def start_again(run_dir: Path, tiny_root: Path) -> subprocess.CompletedProcess[str]:
@@ -58,13 +67,6 @@ def killed_copy(reference: Path, dest: Path, last_step: int) -> Path:
     RunDir(dest).summary.unlink()
     (RunDir(dest).checkpoints.path / f".step-{last_step + 1:09d}.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     return dest
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert_ok(run_job(["train", *tiny_overrides(tiny_root, run_dir, *CHECKPOINTING)], nproc=2))
-    return run_dir
 
 
 @pytest.mark.processes

@@ -35,17 +35,17 @@ def train(tiny_root: Path, run_dir: Path, *extra: str, nproc: int | None = 2) ->
     return json.loads(RunDir(run_dir).summary.read_text()), result.stderr
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    run_dir = tmp_path_factory.mktemp("speed") / "off"
-    return run_dir, train(tiny_root, run_dir)[0]
+@pytest.fixture
+def baseline(two_rank_run) -> Path:
+    """Every switch at its default at 2 ranks: the session's shared run (its cadence changes no bit)."""
+    return two_rank_run.dir
 
 
 # compile's run (inductor's C++ build, about 20 s here) is in the slow tier; test_device.py pins
 # what compile needs per device, and the three other switches run here.
 @pytest.mark.processes
 @pytest.mark.parametrize("switch", [pytest.param(s, marks=pytest.mark.slow) if s == "compile" else s for s in SWITCHES])
-def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
+def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, baseline: Path) -> None:
     summary, stderr = train(tiny_root, tmp_path / switch, *SWITCHES[switch])
     # Off, the generated digits are learned to 100% in two epochs; chance is 10%. The switches
     # change the arithmetic (bf16, kernel order) or the dropout stream (compile), so the figure
@@ -55,7 +55,7 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, ba
     assert all(t.is_contiguous() for t in state.values()), "model.pt must hold default-layout tensors"
     Net().load_state_dict(state)
     if switch != "data_on_device":  # that one changes nothing on CPU (next test)
-        off = torch.load(RunDir(baseline[0]).model, weights_only=True)
+        off = torch.load(RunDir(baseline).model, weights_only=True)
         assert any(not torch.equal(state[k], off[k]) for k in off), f"speed.{switch}=true changed nothing"
     config = RunDir(tmp_path / switch).config.read_text()
     assert f"{SWITCHES[switch][0].split('.')[1].replace('=', ': ')}" in config
@@ -64,11 +64,10 @@ def test_switch_runs_and_trains(switch: str, tiny_root: Path, tmp_path: Path, ba
 
 
 @pytest.mark.processes
-def test_data_on_device_is_the_same_run_on_cpu(tiny_root: Path, tmp_path: Path, baseline: tuple[Path, dict]) -> None:
+def test_data_on_device_is_the_same_run_on_cpu(tiny_root: Path, tmp_path: Path, baseline: Path) -> None:
     """On CPU the dataset already lives in the device's memory: the switch must change no bit."""
-    default_dir, _ = baseline
     train(tiny_root, tmp_path / "off", "speed.data_on_device=false")
-    assert_same_weights(tmp_path / "off", default_dir)
+    assert_same_weights(tmp_path / "off", baseline)
 
 
 def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
@@ -80,13 +79,15 @@ def test_batches_are_gathered_where_the_data_lives(tiny_root: Path) -> None:
 
 
 @pytest.mark.processes
-def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path: Path) -> None:
+def test_one_rank_trains_without_ddp_to_the_same_bits(tiny_root: Path, tmp_path: Path, one_process_run) -> None:
     """W=1 skips the DDP wrapper (nothing to average); a 1-process torchrun run and a plain
-    process run the same code path and must agree bit for bit, run after run."""
-    first, _ = train(tiny_root, tmp_path / "a", nproc=None)
-    second, _ = train(tiny_root, tmp_path / "b", nproc=1)
+    process (the session's shared one) run the same code path and must agree bit for bit, run
+    after run."""
+    assert one_process_run.nproc is None
+    first = json.loads(RunDir(one_process_run.dir).summary.read_text())
+    second, _ = train(tiny_root, tmp_path / "b", *one_process_run.overrides, nproc=1)
     assert first["test_accuracy"] == second["test_accuracy"]
-    assert_same_weights(tmp_path / "b", tmp_path / "a")
+    assert_same_weights(tmp_path / "b", one_process_run.dir)
 
 
 @pytest.mark.processes
