@@ -156,7 +156,7 @@ def test_every_input_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_r
 @pytest.mark.parametrize("which", WITH_THE_GROUP)
 def test_every_input_a_rank_reads_that_is_not_a_regular_file_is_named_and_never_blocks(tiny_root, tmp_path, which):
     args, needle = _inputs(tmp_path, tiny_root)[which]
-    result = run_job(args, timeout=60)  # a read blocked on the FIFO would time out
+    result = run_job(args, timeout=180)  # a read blocked on the FIFO would time out
     _assert_named(result, needle, tmp_path)
 
 

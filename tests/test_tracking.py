@@ -309,7 +309,7 @@ def test_a_server_that_cannot_be_used_at_start_is_exit_2_before_anything_is_writ
     uri = {"closed port": f"http://127.0.0.1:{closed}", "unknown scheme": "htp://127.0.0.1:5000", "no uri": "null"}
     run_dir = tmp_path / "run"
     env = {k: v for k, v in job_env().items() if k != "MLFLOW_TRACKING_URI"}
-    result = run_job(train_args(medium_root, run_dir, uri[case], "bad-uri"), env=env, timeout=60)
+    result = run_job(train_args(medium_root, run_dir, uri[case], "bad-uri"), env=env, timeout=300)
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, "tracking.uri" if case != "no uri" else "tracking.mlflow=true")
     assert not run_dir.exists()
@@ -323,7 +323,7 @@ def test_a_run_directory_whose_mlflow_run_the_server_lacks_is_exit_2_and_left_as
     run_dir.mkdir()
     RunDir(run_dir).mlflow_run.write_text(json.dumps({"run_id": "0" * 32}))
     before = snapshot(run_dir)
-    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "lacks"), env=job_env(), timeout=60)
+    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "lacks"), env=job_env(), timeout=300)
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, "0" * 32, "does not hold", "mlflow_run.json")
     assert snapshot(run_dir) == before
@@ -339,7 +339,7 @@ def test_a_symlinked_mlflow_run_file_is_refused_before_anything_is_read_or_writt
     run_dir.mkdir()
     outside.write_text(json.dumps({"run_id": "0" * 32}))
     RunDir(run_dir).mlflow_run.symlink_to(outside)
-    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "symlinked"), env=job_env(), timeout=60)
+    result = run_job(train_args(medium_root, run_dir, mlflow_server.uri, "symlinked"), env=job_env(), timeout=300)
     assert result.returncode == EXIT_BAD_INPUT
     assert_one_line_error(result, f"{RunDir(run_dir).mlflow_run} is a symbolic link")
     assert sorted(p.name for p in run_dir.iterdir()) == ["mlflow_run.json"]
@@ -356,6 +356,6 @@ def test_the_job_runs_without_the_mlflow_client_unless_tracking_is_on(medium_roo
     env["PYTHONPATH"] = f"{blocker}:{env.get('PYTHONPATH', '')}"
     off = tiny_overrides(medium_root, tmp_path / "off", "train.epochs=1", "data.train_limit=640")
     assert_ok(run_job(["train", *off], env=env))
-    on = run_job(["train", *off, "tracking.mlflow=true", "tracking.uri=http://127.0.0.1:1"], env=env, timeout=60)
+    on = run_job(["train", *off, "tracking.mlflow=true", "tracking.uri=http://127.0.0.1:1"], env=env, timeout=300)
     assert on.returncode == EXIT_BAD_INPUT
     assert_one_line_error(on, "mlflow-skinny", "--require-hashes -r requirements.lock")
