@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import K8S_BIN, REPO, assert_same_weights, checkpoint_steps, make_tiny_mnist, tool
 from k8s_local.controller import BACKOFF_BASE_S, JobFailed, LocalJob
 from k8s_local.image import Host
@@ -31,6 +32,14 @@ from k8s_local.manifests import Manifests
 from k8s_local.network import PREFIX, Network, delete_netns, ip, netns_names, remove_leftovers
 
 from job.run_dir import RunDir
+
+
+def shipped_configs() -> list[str]:
+    """The job configs the image's ConfigMap holds (job/configs/kustomization.yaml's generator)."""
+    kustomization = yaml.safe_load((REPO / "job" / "configs" / "kustomization.yaml").read_text())
+    (generator,) = kustomization["configMapGenerator"]
+    return generator["files"]
+
 
 pytestmark = [pytest.mark.k8s_local, pytest.mark.processes]
 
@@ -192,7 +201,7 @@ def test_each_pod_sees_what_a_cluster_pod_would(manifests, host, tmp_path):
         assert seen["pid1"] == "/usr/bin/tini -- /bin/sh -c"
         assert seen["torchrun"] == "/opt/venv/bin/torchrun" and seen["job"] == "/app/job/__init__.py"
         assert seen["image"] == "read-only" and seen["volumes"] == "writable"
-        assert set(seen["config"].split()) == {"default.yaml", "smoke.yaml", "tiny.yaml"}
+        assert set(seen["config"].split()) == {*shipped_configs(), "tiny.yaml"}
     assert sorted(p.name for p in job.host_path("/app/runs").glob("probe-*")) == ["probe-0", "probe-1"]
 
 
