@@ -97,9 +97,7 @@ def recipe(cfg: Config) -> dict[str, Any]:
     count, as a checkpoint records them."""
     defaults = Config()
     values = {key: get_dotted(cfg, key) for key in RECIPE_KEYS}
-    values |= {
-        key: get_dotted(cfg, key) for key in ADDED_RECIPE_KEYS if get_dotted(cfg, key) != get_dotted(defaults, key)
-    }
+    values |= {key: value for key in ADDED_RECIPE_KEYS if (value := get_dotted(cfg, key)) != get_dotted(defaults, key)}
     if cfg.optim.schedule != "constant":
         values |= {key: get_dotted(cfg, key) for key in SCHEDULE_KEYS}
     return values
@@ -348,12 +346,10 @@ class Checkpoints:
         if recipe_digest(current) != state["recipe_digest"]:
             old = state["recipe"]
             keys = [*current, *(key for key in RECORDABLE_KEYS if key in old and key not in current)]  # absent: default
-            was = {key: old.get(key, get_dotted(Config(), key)) for key in keys}
-            changed = [
-                f"{k} {show(was[k])} -> {show(get_dotted(self.cfg, k))}"
-                for k in keys
-                if was[k] != get_dotted(self.cfg, k)
-            ]
+            defaults = Config()
+            was = {key: old.get(key, get_dotted(defaults, key)) for key in keys}
+            now = {key: get_dotted(self.cfg, key) for key in keys}
+            changed = [f"{k} {show(was[k])} -> {show(now[k])}" for k in keys if was[k] != now[k]]
             raise ConfigError(
                 f"cannot resume from {path}: the config changed in a way a resume cannot follow "
                 f"({', '.join(changed) or 'recipe digest differs'}); restore the old value(s), or start a new run "

@@ -565,7 +565,8 @@ def evaluate(model: torch.nn.Module, split: data.Split, ctx: DistContext, batch_
 def build_train_model(cfg: Config, ctx: DistContext) -> tuple[Net, torch.nn.Module]:
     """The tutorial's net on this rank's device, from the global generator's current state, and
     what the training step calls: its DDP wrapper (a single rank has nothing to average: the net
-    itself, the same bits without DDP's per-step bookkeeping), compiled if asked."""
+    itself, the same bits without DDP's per-step bookkeeping); speed.compile compiles the loss
+    around it (compile_loss), not the module."""
     model = Net(dropout=cfg.model.dropout).to(ctx.device)
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
