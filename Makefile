@@ -201,8 +201,12 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|onnx|pt2) to OUT (docs/USING-THE-MODEL.md)
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
+# make test's tests run in TEST_WORKERS processes (pytest-xdist): a third of a serial run's time
+# both cores sat idle, waiting on started processes, sockets and timeouts (tests/README.md);
+# TEST_WORKERS=0 runs them in this one process. Tests that must not overlap share an xdist_group.
+TEST_WORKERS ?= 2
 test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
 # tests are marked so too (tests/README.md).

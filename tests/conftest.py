@@ -3,6 +3,7 @@ they share, trained once per session, are defined in reference_runs.py."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from collections.abc import Iterator
@@ -66,8 +67,12 @@ def two_rank_checkpointed_run(
 
 def _made(target: str) -> None:
     """`make TARGET` (nothing to do when it is up to date): the tool virtualenvs are built when a
-    test that needs one is selected, not by every `make test` or `make test-fast`."""
-    result = subprocess.run(["make", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True)
+    test that needs one is selected, not by every `make test` or `make test-fast`. One make at a
+    time per repository: make test's worker processes (pytest-xdist) would otherwise build the
+    same virtualenv at once, each into the other's half-made one."""
+    with open(REPO / "Makefile") as makefile:  # any file of the repository serves as the lock
+        fcntl.flock(makefile, fcntl.LOCK_EX)
+        result = subprocess.run(["make", "--no-print-directory", target], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         pytest.fail(f"make {target} failed:\n{result.stdout}{result.stderr}", pytrace=False)
 
