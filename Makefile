@@ -158,10 +158,10 @@ chaos: $(STAMP) data ## kill a training run KILLS times at random moments; check
 # Rounds of the four side-by-side CPU measurements `make bench` takes the medians of.
 ROUNDS ?= 3
 
-bench: $(STAMP) data ## training speed: the tutorial's loop vs the job at W=1 and W=2 vs the data path; writes docs/PERFORMANCE.md
+bench: $(STAMP) data ## training speed: the tutorial's loop vs the job at W=1 and W=2 vs the data path; time to 99% (fast preset vs seed recipe); writes docs/PERFORMANCE.md
 	$(PY) tests/tools/bench.py --rounds $(ROUNDS) $(ARGS)
 
-bench-gpu: $(STAMP) data ## the same on one CUDA device: tutorial vs job, bit-identical reruns, each speed.* switch
+bench-gpu: $(STAMP) data ## the same on one CUDA device: tutorial vs job, bit-identical reruns, each speed.* switch, time to 99%
 	$(PY) tests/tools/bench.py --gpu $(ARGS)
 
 # No setup and no network: a GPU host's own python and torch run it where .venv is absent.

@@ -21,7 +21,9 @@ is checked by the first step. Steps, in order (* = CUDA only):
                    (speed.tf32 is CUDA only)
   shared-gpu *     2 ranks on one GPU over gloo (NCCL takes one GPU per rank): a resume, the same bits
   accelerate       `accelerate launch` with job/configs/accelerate/multi-gpu.yaml (CPU: cpu.yaml)
-  bench *          tests/tools/bench.py --gpu, its table in OUT/bench-gpu.md
+  bench *          tests/tools/bench.py --gpu, its table in OUT/bench-gpu.md: samples/s and the median
+                   step eager and with each switch, two runs' bits compared, and the time to 99% test
+                   accuracy of the fast preset beside the seed recipe
 
 Without CUDA it fails at once, unless --allow-cpu: then every step that can runs on the CPU and
 the CUDA-only ones are reported skipped, not passed (CI runs this mode). A step starts only if
