@@ -115,6 +115,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "Variables: CONFIG=$(CONFIG) NPROC=(GPUs torch can use, else 2) DEVICE=$(DEVICE) ARGS='key=value ...' PYTHON=$(PYTHON)"
 	@echo "Model targets: RUN=$(RUN) IMAGES='a.png b.jpg' FORMAT=$(FORMAT) OUT=$(OUT) TB_PORT=$(TB_PORT) TB_HOST=$(TB_HOST)"
+	@echo "Tests: PYTEST_ARGS='...' TEST_WORKERS=$(TEST_WORKERS) (make test, make test-slow; 0: one process)"
 	@echo "Slurm: NODES=$(NODES) GPUS_PER_NODE=$(GPUS_PER_NODE) PARTITION=$(PARTITION) TIME=$(TIME) JOB=<id>"
 	@echo "Kubernetes: OVERLAY=$(OVERLAY) NAMESPACE=$(NAMESPACE) STORAGE_CLASS=$(STORAGE_CLASS) image=$(IMAGE_REF) KUBECTL=$(KUBECTL) PURGE=1 (delete the run volume)"
 
@@ -201,9 +202,10 @@ predict: $(STAMP) ## read the digits in IMAGES='a.png b.jpg' with RUN's model.pt
 export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|onnx|pt2) to OUT (docs/USING-THE-MODEL.md)
 	$(PY) -m job export --checkpoint $(RUN)/model.pt --format $(FORMAT) --out $(OUT)
 
-# make test's tests run in TEST_WORKERS processes (pytest-xdist): a third of a serial run's time
-# both cores sat idle, waiting on started processes, sockets and timeouts (tests/README.md);
-# TEST_WORKERS=0 runs them in this one process. Tests that must not overlap share an xdist_group.
+# make test's and make test-slow's tests run in TEST_WORKERS processes (pytest-xdist): in a serial
+# run both cores sat idle a third of the time, waiting on started processes, sockets and timeouts
+# (tests/README.md); TEST_WORKERS=0 runs them in this one process. Tests that must not overlap,
+# or that share a module's run, carry one xdist_group.
 TEST_WORKERS ?= 2
 test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
@@ -211,7 +213,7 @@ test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s 
 # A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
 # tests are marked so too (tests/README.md).
 test-slow: $(STAMP) ## the acceptance runs make test leaves out: real MNIST recipe, the GPU check's CPU mode, chaos, bench (tests/README.md)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
 	$(PY) -m pytest -m "not processes and not lint" $(PYTEST_ARGS)

@@ -19,7 +19,8 @@ from job.data import SHA256, missing_files, normalize, raw_dir, read_idx, verify
 from job.model import load_model
 from job.run_dir import RunDir
 
-pytestmark = pytest.mark.processes
+# One worker runs the module (pytest-xdist --dist loadgroup): its one-epoch run is trained once.
+pytestmark = [pytest.mark.processes, pytest.mark.xdist_group("real-mnist")]
 
 SEED_ACCURACY = 0.965  # the tutorial reaches 0.9665-0.972 after 3 epochs
 
