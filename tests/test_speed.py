@@ -126,3 +126,54 @@ def test_bench_writes_its_table_between_the_markers(tiny_root: Path, tmp_path: P
         assert target in text
     assert "Machine: " in text and "torch 2.14.1" in text
     assert "| seed recipe | 3 | epoch 1 |" in text and "| fast preset | 4 | epoch 1 |" in text
+
+
+def _bench_module():
+    """tests/tools/bench.py, a script, imported as a module (its main() is not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tests/tools/bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_adds_each_epochs_loop_and_evaluation_up_to_the_first_at_the_target() -> None:
+    """bench.reached on a run's metrics.jsonl events: epoch 1 (60,000 samples at 6,000/s: 10 s of
+    loop, then 2 s of evaluation) is below the target, epoch 2 (5 s + 1 s) reaches it."""
+    bench = _bench_module()
+    events = [
+        {"event": "train", "time": 101.0},
+        {"event": "train_epoch", "time": 110.0, "epoch": 1, "samples_per_second": 6000.0},
+        {"event": "test", "time": 112.0, "epoch": 1, "examples_seen": 60000, "test_accuracy": 0.97},
+        {"event": "train_epoch", "time": 118.0, "epoch": 2, "samples_per_second": 12000.0},
+        {"event": "test", "time": 119.0, "epoch": 2, "examples_seen": 120000, "test_accuracy": 0.991},
+    ]
+    result = {"events": events, "started": 100.0}
+    assert bench.reached(result, 0.99) == {"epoch": 2, "accuracy": 0.991, "loop_and_eval_s": 18.0, "from_start_s": 19.0}
+    assert bench.reached(result, 0.995) is None
+
+
+def test_a_gpu_time_to_accuracy_row_that_ran_elsewhere_or_failed_is_marked_failed(monkeypatch, tmp_path) -> None:
+    """make bench-gpu: a recipe whose run fell back to the CPU, or failed, must not give GPU
+    figures; its row says FAILED, the other rows are kept, and the bench does not count as met."""
+    bench = _bench_module()
+    events = [
+        {"event": "train_epoch", "time": 2.0, "epoch": 1, "samples_per_second": 60000.0},
+        {"event": "test", "time": 3.0, "epoch": 1, "examples_seen": 60000, "test_accuracy": 0.99},
+    ]
+
+    def to_the_end(args, work, recipe):  # noqa: ANN001, ANN202
+        if recipe:  # the fast preset: its process failed
+            raise bench.RunFailed(["python", "-m", "job"], 1, "Traceback\nRuntimeError: CUDA error")
+        return {"summary": {"device": "cpu", "epochs": 1, "test_accuracy": 0.99}, "events": events, "started": 0.0}
+
+    monkeypatch.setattr(bench, "to_the_end", to_the_end)
+    args = type("Args", (), {"gpu": True, "target": 0.99})()
+    table, ok = bench.time_to_accuracy(args, tmp_path)
+    assert not ok
+    assert "| seed recipe | | FAILED: ran on 'cpu', not cuda |" in table
+    assert "| fast preset | | FAILED (exit 1): RuntimeError: CUDA error |" in table
+    monkeypatch.setattr(args, "gpu", False)
+    with pytest.raises(bench.RunFailed):  # the CPU report needs every run
+        bench.time_to_accuracy(args, tmp_path)

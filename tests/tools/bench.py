@@ -95,7 +95,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mnist-ddp-bench-") as work:
         try:
             report, met = (gpu_bench if args.gpu else cpu_bench)(args, Path(work))
-            report += "\n\n" + time_to_accuracy(args, Path(work))
+            timed, counted = time_to_accuracy(args, Path(work))
+            report, met = f"{report}\n\n{timed}", met and counted
         except RunFailed as e:  # the CPU table's ratios need every run
             sys.exit(f"bench: {e}")
     report = f"{report}\n\nMachine: {machine(args.gpu)}.\n"
@@ -174,8 +175,10 @@ def reached(result: dict, target: float) -> dict | None:
     return None
 
 
-def time_to_accuracy(args: argparse.Namespace, work: Path) -> str:
-    """The table of RECIPES' time to args.target test accuracy, each run once, 1 process."""
+def time_to_accuracy(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
+    """The table of RECIPES' time to args.target test accuracy, each run once, 1 process, and
+    whether every row counts: with --gpu, as in gpu_bench, a run that failed or ran anywhere but
+    on CUDA is a FAILED row (its times would be another device's) and the rows around it are kept."""
     lines = [
         f"Time to {args.target:.0%} test accuracy, 1 process, each recipe run once to its end: the training loop "
         "plus evaluation up to the first epoch that reaches it, and process start to that result.",
@@ -184,15 +187,27 @@ def time_to_accuracy(args: argparse.Namespace, work: Path) -> str:
         "| final accuracy |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    ok = True
     for label, recipe in RECIPES:
-        result = to_the_end(args, work / label.replace(" ", "-"), recipe)
+        try:
+            result = to_the_end(args, work / label.replace(" ", "-"), recipe)
+        except RunFailed as e:
+            if not args.gpu:  # the CPU report needs every run (main)
+                raise
+            lines.append(f"| {label} | | FAILED (exit {e.code}): {e.tail[-1].strip()} | | | |")
+            ok = False
+            continue
         summary, first = result["summary"], reached(result, args.target)
+        if args.gpu and summary.get("device") != GPU_DEVICE:
+            lines.append(f"| {label} | | FAILED: ran on {summary.get('device')!r}, not {GPU_DEVICE} | | | |")
+            ok = False
+            continue
         times = ("not reached", "", "")
         if first:
             times = (f"epoch {first['epoch']}", f"{first['loop_and_eval_s']:.1f} s", f"{first['from_start_s']:.1f} s")
         lines.append(f"| {label} | {summary['epochs']} | {' | '.join(times)} | {summary['test_accuracy']:.2%} |")
         print(f"time to {args.target:.0%}, {label}: {', '.join(t for t in times if t)}", flush=True)
-    return "\n".join(lines)
+    return "\n".join(lines), ok
 
 
 class RunFailed(Exception):
