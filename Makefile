@@ -207,13 +207,14 @@ export: $(STAMP) ## write RUN's model.pt as FORMAT (safetensors|onnx|pt2) to OUT
 # (tests/README.md); TEST_WORKERS=0 runs them in this one process. Tests that must not overlap,
 # or that share a module's run, carry one xdist_group.
 TEST_WORKERS ?= 2
+IN_WORKERS = -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP) ## run the tests (multi-process gloo, launchers, real MNIST, k8s manifests); the image: image-test
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(IN_WORKERS) $(PYTEST_ARGS)
 
 # A test marked processes starts the job, a launcher, a probe or a tool; the image and k8s_local
 # tests are marked so too (tests/README.md).
 test-slow: $(STAMP) ## the acceptance runs make test leaves out: real MNIST recipe, the GPU check's CPU mode, chaos, bench (tests/README.md)
-	$(PY) -m pytest -m slow -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(IN_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the unit tests and the manifest and Makefile checks: every test that starts no job process
 	$(PY) -m pytest -m "not processes and not lint" $(PYTEST_ARGS)

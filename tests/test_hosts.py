@@ -30,11 +30,11 @@ from k8s_local.network import PREFIX, Network, ip
 
 from job.node_address import interface_holding, route_source, talk_over_this_nodes_address
 
-RDZV_PORT = 29400
-
 # The hosts' bridge and addresses are fixed (tests/k8s_local/network.py): under make test's
 # worker processes (pytest-xdist --dist loadgroup) these tests run one after another, in one worker.
 pytestmark = pytest.mark.xdist_group("network-namespaces")
+
+RDZV_PORT = 29400
 OTHER_NET = "192.168.77"  # the second interface's network (case: the host name maps to it)
 
 

@@ -166,7 +166,7 @@ def test_a_gpu_time_to_accuracy_row_that_ran_elsewhere_or_failed_is_marked_faile
     def to_the_end(args, work, recipe):  # noqa: ANN001, ANN202
         if recipe:  # the fast preset: its process failed
             raise bench.RunFailed(["python", "-m", "job"], 1, "Traceback\nRuntimeError: CUDA error")
-        return {"summary": {"device": "cpu", "epochs": 1, "test_accuracy": 0.99}, "events": events, "started": 0.0}
+        return {"device": "cpu", "epochs": 1, "test_accuracy": 0.99, "events": events, "started": 0.0}
 
     monkeypatch.setattr(bench, "to_the_end", to_the_end)
     args = type("Args", (), {"gpu": True, "target": 0.99})()

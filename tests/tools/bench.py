@@ -115,9 +115,13 @@ def tutorial(args: argparse.Namespace, work: Path, device: str = "cpu") -> dict:
     return json.loads(run(cmd, work, dict(os.environ)).strip().splitlines()[-1])
 
 
-def job(args: argparse.Namespace, work: Path, nproc: int = 1, extra: tuple[str, ...] = ()) -> dict:
-    """One epoch of the seed recipe; the summary, with the run directory."""
-    common = ["train", "train.epochs=1", "data.download=false", f"data.root={args.data}", f"run.dir={work}/run"]
+def job(
+    args: argparse.Namespace, work: Path, nproc: int = 1, extra: tuple[str, ...] = (), epochs: int | None = 1
+) -> dict:
+    """`epochs` of the seed recipe (None: as many as the config, or `extra`'s --config, says); the
+    summary, with the run directory."""
+    common = ["train", "data.download=false", f"data.root={args.data}", f"run.dir={work}/run"]
+    common += [f"train.epochs={epochs}"] if epochs is not None else []
     env = dict(os.environ)
     if nproc == 1:
         cmd = [sys.executable, "-m", "job", *common]
@@ -143,14 +147,16 @@ def data_path(args: argparse.Namespace, work: Path) -> dict:
 
 
 def to_the_end(args: argparse.Namespace, work: Path, recipe: tuple[str, ...]) -> dict:
-    """A recipe trained to its end, 1 process; its summary, its metrics.jsonl events and the wall
-    clock (time.time(), as metrics.jsonl's) when its process was started."""
+    """job() with `recipe`'s arguments, trained to its end, 1 process; with its metrics.jsonl events
+    and the wall clock (time.time(), as metrics.jsonl's) when its process was started."""
     started = time.time()
-    cmd = [sys.executable, "-m", "job", "train", *recipe, "data.download=false", f"data.root={args.data}"]
-    run([*cmd, f"run.dir={work}/run", *args.overrides], work, dict(os.environ))
-    files = RunDir(work / "run")
-    events = [json.loads(line) for line in files.metrics.read_text().splitlines()]
-    return {"summary": json.loads(files.summary.read_text()), "events": events, "started": started}
+    result = job(args, work, extra=recipe, epochs=None)
+    return {**result, "events": metrics_events(result["run_dir"]), "started": started}
+
+
+def metrics_events(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, one dict per event."""
+    return [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
 
 
 def reached(result: dict, target: float) -> dict | None:
@@ -194,18 +200,18 @@ def time_to_accuracy(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
         except RunFailed as e:
             if not args.gpu:  # the CPU report needs every run (main)
                 raise
-            lines.append(f"| {label} | | FAILED (exit {e.code}): {e.tail[-1].strip()} | | | |")
+            lines.append(f"| {label} | | {e.row} | | | |")
             ok = False
             continue
-        summary, first = result["summary"], reached(result, args.target)
-        if args.gpu and summary.get("device") != GPU_DEVICE:
-            lines.append(f"| {label} | | FAILED: ran on {summary.get('device')!r}, not {GPU_DEVICE} | | | |")
+        if args.gpu and (elsewhere := ran_elsewhere(result)):
+            lines.append(f"| {label} | | {elsewhere} | | | |")
             ok = False
             continue
+        first = reached(result, args.target)
         times = ("not reached", "", "")
         if first:
             times = (f"epoch {first['epoch']}", f"{first['loop_and_eval_s']:.1f} s", f"{first['from_start_s']:.1f} s")
-        lines.append(f"| {label} | {summary['epochs']} | {' | '.join(times)} | {summary['test_accuracy']:.2%} |")
+        lines.append(f"| {label} | {result['epochs']} | {' | '.join(times)} | {result['test_accuracy']:.2%} |")
         print(f"time to {args.target:.0%}, {label}: {', '.join(t for t in times if t)}", flush=True)
     return "\n".join(lines), ok
 
@@ -216,6 +222,18 @@ class RunFailed(Exception):
     def __init__(self, cmd: list[str], code: int, output: str) -> None:
         self.code, self.tail = code, output.strip().splitlines()[-5:] or ["(no output)"]
         super().__init__(f"{' '.join(cmd[:5])} ... failed (exit {code}):\n" + "\n".join(self.tail))
+
+    @property
+    def row(self) -> str:
+        """What a --gpu table's row says of it."""
+        return f"FAILED (exit {self.code}): {self.tail[-1].strip()}"
+
+
+def ran_elsewhere(result: dict) -> str | None:
+    """What a --gpu table's row says of a run whose summary names a device other than CUDA; None on CUDA."""
+    if result.get("device") == GPU_DEVICE:
+        return None
+    return f"FAILED: ran on {result.get('device')!r}, not {GPU_DEVICE}"
 
 
 def run(cmd: list[str], work: Path, env: dict[str, str]) -> str:
@@ -313,12 +331,12 @@ def gpu_bench(args: argparse.Namespace, work: Path) -> tuple[str, bool]:
         try:
             result = measure()
         except RunFailed as e:
-            rows.append((label, None, f"FAILED (exit {e.code}): {e.tail[-1].strip()}"))
+            rows.append((label, None, e.row))
             print(f"{label}: {e}", flush=True)
             continue
         note = ""
-        if result.get("device") != GPU_DEVICE:
-            result, note = None, f"FAILED: ran on {result.get('device')!r}, not {GPU_DEVICE}"
+        if elsewhere := ran_elsewhere(result):
+            result, note = None, elsewhere
         elif label == "job, again" and rows[1][1] is not None:
             same = identical(RunDir(rows[1][1]["run_dir"]).model, RunDir(result["run_dir"]).model)
             note = f"bit-identical to the first: {'yes' if same else 'NO'}"
@@ -353,10 +371,9 @@ def step_times(result: dict) -> tuple[float, float] | None:
     """A job run's (steady seconds per step, warm-up seconds), from its metrics.jsonl: the median
     time per step between consecutive logged steps, and the training loop's seconds beyond that
     many steady steps. None for a run without a run directory (the tutorial) or too few logs."""
-    metrics = result.get("run_dir") and RunDir(result["run_dir"]).metrics
-    if not metrics or not metrics.exists():
+    if not result.get("run_dir") or not RunDir(result["run_dir"]).metrics.exists():
         return None
-    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    events = metrics_events(result["run_dir"])
     logged = [(e["step"], e["time"]) for e in events if e["event"] == "train"]
     per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(logged, logged[1:], strict=False) if s1 > s0]
     if len(per_step) < 3:
