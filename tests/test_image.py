@@ -7,8 +7,9 @@ instead of GBs from PyPI: the same Dockerfile, the same pins, the CUDA build of 
 on the CPU when there is no GPU).
 
 Needs root with buildah, podman, runc and debootstrap (`.ci/run` installs them), about 15 GB
-of free disk (docker/README.md) and 7 GB of free RAM while it builds. `make image-test` runs it; `make test` leaves it out (marker
-`image`). Every piece of container state lives under one temporary root, removed at the end.
+of free disk (docker/README.md) and 7 GB of free RAM while it builds. `make image-test` runs
+it; `make test` leaves it out (marker `image`). Every piece of container state lives under one
+temporary root, removed at the end.
 """
 
 from __future__ import annotations
