@@ -36,7 +36,13 @@ def mean_in_rank_order(state, bucket):  # unannotated: DDP rejects this module's
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     gathered = dist.all_gather(parts, tensor, async_op=True).get_future()
 
-    def sum_in_rank_order(_: torch.futures.Future) -> torch.Tensor:
+    def sum_in_rank_order(done: torch.futures.Future) -> torch.Tensor:
+        # value() raises when the all-gather failed (a peer timed out or died), which fails this
+        # future and so DDP's backward, at this step. `then` runs its callback on a failure too:
+        # without it the never-filled `parts` were summed into the gradients, the live ranks went
+        # on training on garbage until a collective outside the hook raised, steps later, and
+        # the hang report named that later step (a SIGSTOPped rank, 3 ranks: step 20, not 17).
+        done.value()
         total = parts[0]
         for part in parts[1:]:
             total += part
