@@ -73,22 +73,21 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
     Returns what `action` returned on the chosen ranks, None on the others; a failure raises
     the JobError itself on the rank that hit it and PeerFailedError (same exit code) elsewhere."""
     result, error = None, None
-    previous, ctx.at.phase = ctx.at.phase, step
-    if chosen:
-        try:
-            result = action()
-        except JobError as e:
-            error = e
-    # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
-    # On the CPU control group: a device tensor here would cost a copy to the device and a sync back.
-    code = torch.tensor([error.exit_code if error is not None else 0])
-    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    if error is not None:
-        raise error
-    (worst,) = read_host(code)
-    if worst:
-        raise PeerFailedError(f"another rank failed while {step}", exit_code=worst)
-    ctx.at.phase = previous
+    with ctx.at.during(step):
+        if chosen:
+            try:
+                result = action()
+            except JobError as e:
+                error = e
+        # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
+        # On the CPU control group: a device tensor here would cost a copy to the device and a sync back.
+        code = torch.tensor([error.exit_code if error is not None else 0])
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
+        if error is not None:
+            raise error
+        (worst,) = read_host(code)
+        if worst:
+            raise PeerFailedError(f"another rank failed while {step}", exit_code=worst)
     return result
 
 
