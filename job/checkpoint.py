@@ -426,14 +426,20 @@ class Checkpoints:
         `trainer_state()` (Trainer.state_dict) with them atomically, keeps the newest
         checkpoint.keep, then calls `then()`. A failure there (RunFailedError for a refused write)
         stops every rank."""
-        rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
 
         def write() -> None:
             state = training_state(trainer_state(), self.ctx.world_size, train_samples, self.cfg, rng, self.environment)
             self.run.checkpoints.save(state, step, self.cfg.checkpoint.keep)
             then()
 
-        on_some_ranks(self.ctx, self.ctx.is_leader, "writing a checkpoint", write)
+        # The gather belongs to the checkpoint too: a collective timeout in it names the checkpoint,
+        # not the step or the test before it (job/hang.py). A gather's senders finish it without
+        # the receiver, so a rank stopped there left rank 0 in the gather and the others in
+        # on_some_ranks: both must name the same place.
+        phase = "writing a checkpoint"
+        with self.ctx.at.during(phase):
+            rng = gather_to_leader(self.ctx, rng_state(self.ctx.device))
+            on_some_ranks(self.ctx, self.ctx.is_leader, phase, write)
 
 
 def _finished_results(run: RunDir) -> bytes | None:

@@ -36,7 +36,13 @@ def mean_in_rank_order(state, bucket):  # unannotated: DDP rejects this module's
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     gathered = dist.all_gather(parts, tensor, async_op=True).get_future()
 
-    def sum_in_rank_order(_: torch.futures.Future) -> torch.Tensor:
+    def sum_in_rank_order(done: torch.futures.Future) -> torch.Tensor:
+        # value() raises when the all-gather failed (a peer timed out or died), which fails this
+        # future and so DDP's backward, at this step. `then` runs its callback on a failure too:
+        # without it the never-filled `parts` were summed into the gradients, the live ranks went
+        # on training on garbage until a collective outside the hook raised, steps later, and
+        # the hang report named that later step (a SIGSTOPped rank, 3 ranks: step 20, not 17).
+        done.value()
         total = parts[0]
         for part in parts[1:]:
             total += part
@@ -67,22 +73,21 @@ def on_some_ranks(ctx: DistContext, chosen: bool, step: str, action: Callable[[]
     Returns what `action` returned on the chosen ranks, None on the others; a failure raises
     the JobError itself on the rank that hit it and PeerFailedError (same exit code) elsewhere."""
     result, error = None, None
-    previous, ctx.at.phase = ctx.at.phase, step
-    if chosen:
-        try:
-            result = action()
-        except JobError as e:
-            error = e
-    # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
-    # On the CPU control group: a device tensor here would cost a copy to the device and a sync back.
-    code = torch.tensor([error.exit_code if error is not None else 0])
-    dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
-    if error is not None:
-        raise error
-    (worst,) = read_host(code)
-    if worst:
-        raise PeerFailedError(f"another rank failed while {step}", exit_code=worst)
-    ctx.at.phase = previous
+    with ctx.at.during(step):
+        if chosen:
+            try:
+                result = action()
+            except JobError as e:
+                error = e
+        # The highest exit code of any rank (0: none failed): peers stop with the failed rank's code.
+        # On the CPU control group: a device tensor here would cost a copy to the device and a sync back.
+        code = torch.tensor([error.exit_code if error is not None else 0])
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=ctx.control_group)
+        if error is not None:
+            raise error
+        (worst,) = read_host(code)
+        if worst:
+            raise PeerFailedError(f"another rank failed while {step}", exit_code=worst)
     return result
 
 

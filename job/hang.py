@@ -5,10 +5,15 @@ each rank that is still alive:
 - says in the process group's store which collective it was waiting in, and waits a short
   while for the others to say so too: the ranks that never answer are the stuck ones (a
   stopped process cannot answer; one that is alive answers from its own timeout's handler);
+- names the earliest place any rank answered with, so that every live rank's line names the
+  same one: a rank stopped halfway through a collective may have done its part for some ranks,
+  which get through it and time out in the next collective, while the others time out in it
+  (a gather's senders finish without the receiver; in CI, 3 ranks, rank 0 got through a
+  collective of step 16 that rank 2 timed out in);
 - writes its Python stacks (the wait it timed out in, then every thread) to
   `<run dir>/hang/rank-<N>.txt`.
 Nothing of this runs while training goes well: the loop only records which step it is at
-(`Whereabouts`, one attribute store per step).
+(`Whereabouts`, a few attribute stores per step).
 
 On NCCL, torch's watchdog ends the process itself on a timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING
 defaults to 3: SIGABRT, no Python handler runs), after writing torch's flight recorder (the last
@@ -18,13 +23,15 @@ collectives each rank started and finished, torch/csrc/distributed/c10d/FlightRe
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import json
 import os
 import threading
 import time
 import traceback
-from collections.abc import MutableMapping
-from dataclasses import dataclass
+from collections.abc import Iterator, MutableMapping
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,8 +41,8 @@ from job.launch_env import hosts_the_default_store
 HANG_DIR = "hang"
 ANSWER_WAIT_S = 30
 """The longest the live ranks wait for each other's answer after a timeout, seconds (less when
-dist.timeout_s is shorter): they time out within moments of each other, all having entered the
-collective that the stuck rank never reached."""
+dist.timeout_s is shorter): they time out within moments of each other, in the collective that
+the stuck rank never reached or, for a rank it did its part for before it stopped, the next one."""
 
 FLIGHT_RECORDER_ENTRIES = 2000
 """torch 2.14.1's default ring of collective events (TORCH_FR_BUFFER_SIZE, FlightRecorder.hpp),
@@ -50,6 +57,24 @@ class Whereabouts:
     """The step being trained (global, 1-based), or, in a phase, the last one trained (0: none yet)."""
     phase: str | None = "starting"
     """What the ranks do outside a step (e.g. "writing a checkpoint"), None while training steps."""
+    moves: int = 0
+    """How often this rank moved on to a step or a phase. Every rank makes the same moves in the
+    same order, so of two ranks' whereabouts the one with fewer moves is the earlier."""
+
+    def start_step(self, step: int) -> None:
+        self.step, self.phase, self.moves = step, None, self.moves + 1
+
+    def enter(self, phase: str | None) -> None:
+        self.phase, self.moves = phase, self.moves + 1
+
+    @contextlib.contextmanager
+    def during(self, phase: str) -> Iterator[None]:
+        """In `phase` for the block, then back in the phase before it. A block that raises (a
+        collective that failed) leaves `phase` named, for the hang report."""
+        previous = self.phase
+        self.enter(phase)
+        yield
+        self.enter(previous)
 
     def collective(self) -> str:
         """E.g. "step 37's collective", "the collective while writing a checkpoint after step 40"."""
@@ -88,7 +113,7 @@ def make_flight_recorder_dir(run_dir: Path) -> Path | None:
     return run_dir / HANG_DIR
 
 
-def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s: int) -> dict[int, str] | None:
+def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s: int) -> dict[int, Whereabouts] | None:
     """After a collective timed out: tell the other ranks where this rank is, and collect what they
     tell, for up to min(timeout_s, ANSWER_WAIT_S) seconds. Returns {rank: where} of the ranks that
     answered (this one included), or None when the process group's store does not answer either
@@ -104,7 +129,7 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
     rank 2's line said "the store did not answer either", 1 run in about 3)."""
     wait_s = max(1, min(timeout_s, ANSWER_WAIT_S))
     hosts_store = hosts_the_default_store(rank)
-    answers: dict[int, str] = {}
+    answers: dict[int, Whereabouts] = {}
     done = threading.Event()
 
     def exchange() -> None:
@@ -113,12 +138,12 @@ def answers_after_timeout(at: Whereabouts, rank: int, world_size: int, timeout_s
         try:
             store = torch_private.default_store()
             store.set_timeout(timedelta(seconds=wait_s))
-            store.set(key(rank), at.collective())
-            heard = {rank: at.collective()}
+            store.set(key(rank), json.dumps(asdict(at)))
+            heard = {rank: Whereabouts(**asdict(at))}
             while len(heard) < world_size and time.monotonic() < deadline:
                 for other in range(world_size):
                     if other not in heard and store.check([key(other)]):
-                        heard[other] = store.get(key(other)).decode()
+                        heard[other] = Whereabouts(**json.loads(store.get(key(other))))
                 time.sleep(0.1)
             store.get(key(rank))  # a reply from the store itself: it is alive
             store.set(asked(rank), "")
@@ -162,6 +187,26 @@ def write_stacks(run_dir: Path, rank: int, error: BaseException) -> Path | None:
     return path
 
 
+def who_did_not_arrive(answers: dict[int, Whereabouts], world_size: int) -> str:
+    """The ranks that did not answer and the earliest place any rank answered with (where the job
+    stands still), then each rank that got further: the same text on every rank that heard the
+    same answers, whichever rank writes it."""
+    first = min(answers, key=lambda rank: (answers[rank].moves, rank))
+    place = answers[first].collective()
+    # A rank with more moves got through every collective before its own place, `place`'s too.
+    further = [
+        f"rank {rank} got through it and waited at {where.collective()}"
+        for rank, where in sorted(answers.items())
+        if where.collective() != place
+    ]
+    missing = [rank for rank in range(world_size) if rank not in answers]
+    if missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not arrive at {place}"
+    else:
+        who = f"every rank answered after the timeout at {place} (a slow rank, not a stopped one)"
+    return who + (f" ({'; '.join(further)})" if further else "")
+
+
 def hang_report(
     at: Whereabouts, rank: int, world_size: int, timeout_s: int, run_dir: Path, backend: str, error: BaseException
 ) -> str:
@@ -174,15 +219,7 @@ def hang_report(
             "likely one"
         )
     else:
-        missing = [r for r in range(world_size) if r not in answers]
-        elsewhere = [f"rank {r} waited at {where}" for r, where in sorted(answers.items()) if where != at.collective()]
-        if missing:
-            ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
-            who = f"{ranks} did not arrive at {at.collective()}"
-        else:
-            who = f"every rank answered after the timeout at {at.collective()} (a slow rank, not a stopped one)"
-        if elsewhere:
-            who += f" ({'; '.join(elsewhere)})"
+        who = who_did_not_arrive(answers, world_size)
     stacks = write_stacks(run_dir, rank, error)
     files = f"this rank's stacks: {stacks}" if stacks else "no run directory yet for this rank's stacks"
     if backend == "nccl":

@@ -146,6 +146,7 @@ class Trainer:
                     self.save_checkpoint()
             if result is None:  # resumed a run that had finished its epochs: figures for the summary
                 log.info(f"All {self.progress.epochs_done} epochs were trained already: writing the final results")
+                self.ctx.at.enter("testing the trained weights")
                 result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
             summary = self.summary(result)
             on_some_ranks(self.ctx, self.ctx.is_leader, "writing the results", lambda: self.write_results(summary))
@@ -205,9 +206,8 @@ class Trainer:
         samples_before, checkpoint_seconds, start = self.progress.samples_trained, 0.0, time.perf_counter()
         compiles_now = self.compiled_loss is not None and self.compile_seconds is None
         batches = data.train_batches(self.train_split, self.sampler, self.rank_batch, skip=skip)
-        self.ctx.at.phase = None
         for batch_idx, (images, labels) in enumerate(batches, start=skip):
-            self.ctx.at.step = self.progress.global_step + 1  # what a collective timeout names (job/hang.py)
+            self.ctx.at.start_step(self.progress.global_step + 1)  # what a collective timeout names (job/hang.py)
             vote = self.start_stop_vote(stop, batch_idx)  # overlaps the step's work
             loss = self.step(images, labels)
             # Every rank's batch is the same size, so the mean of rank means is the global batch mean.
@@ -343,7 +343,7 @@ class Trainer:
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=self.cfg.speed.bf16)
 
     def test(self, epoch: int) -> dict[str, Any]:
-        self.ctx.at.phase = f"testing epoch {epoch}"
+        self.ctx.at.enter(f"testing epoch {epoch}")
         result = evaluate(self.model, self.test_split, self.ctx, self.cfg.data.test_batch_size)
         log.info(
             f"Test set: Avg. loss: {result['test_loss']:.4f}, Accuracy: {result['correct']}/{result['count']} "

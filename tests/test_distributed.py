@@ -9,6 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -299,6 +300,39 @@ def test_evaluate_refuses_bad_checkpoints_in_one_line(tiny_root, tmp_path):
     torch.save(state, wrong)
     result = run_job(["evaluate", "--checkpoint", str(wrong), *overrides])
     assert_one_line_error(result, "does not fit the model: size mismatch for fc2.weight")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["gathered", "failed"])
+def test_the_gradient_hook_fails_when_its_all_gather_fails(monkeypatch, fails):
+    """A timed-out or broken all-gather must fail DDP's backward at its step. `Future.then` runs its
+    callback on a failed future too: the hook summed the never-filled buffers into the gradients and
+    training went on (3 ranks, rank 1 stopped before step 17: the others trained steps 17-19)."""
+    import torch.distributed as dist
+
+    from job.collectives import mean_in_rank_order
+
+    class Work:  # the all-gather's Work, done: the other ranks' parts arrived or the transport failed
+        def __init__(self, parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+            self.future = torch.futures.Future()
+            if fails:
+                self.future.set_exception(RuntimeError("[unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
+            else:
+                for rank, part in enumerate(parts):
+                    part.copy_(tensor * (rank + 1))
+                self.future.set_result(parts)
+
+        def get_future(self) -> torch.futures.Future:
+            return self.future
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather", lambda parts, tensor, async_op: Work(parts, tensor))
+    grads = torch.tensor([2.0, 4.0])
+    mean = mean_in_rank_order(None, SimpleNamespace(buffer=lambda: grads))  # DDP's GradBucket, in part
+    if fails:
+        with pytest.raises(RuntimeError, match="Timed out waiting 5000ms for recv"):
+            mean.wait()
+    else:
+        assert mean.wait().tolist() == [3.0, 6.0]  # rank 0's [1, 2] + rank 1's [2, 4]
 
 
 @pytest.mark.processes

@@ -374,10 +374,16 @@ def listens_on(pid: int, port: int) -> bool:
 
 
 def launch_by_hand(
-    root: Path, run_dir: Path, tmp_path: Path, timeout_s: int, nproc: int = 2, *extra: str
+    root: Path,
+    run_dir: Path,
+    tmp_path: Path,
+    timeout_s: int,
+    nproc: int = 2,
+    *extra: str,
+    job: tuple[str, ...] = ("-m", "job"),
 ) -> list[tuple[subprocess.Popen, Path]]:
     """`nproc` ranks started directly with the env:// variables (no launcher to notice a failure):
-    what each rank does on its own when its peer hangs or dies."""
+    what each rank does on its own when its peer hangs or dies. `job`: how python starts the job."""
     port = str(free_port())
     ranks = []
     for rank in range(nproc):
@@ -386,7 +392,7 @@ def launch_by_hand(
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
         )  # fmt: skip
         log = tmp_path / f"rank{rank}.log"
-        cmd = [sys.executable, "-m", "job", *train_args(root, run_dir, f"dist.timeout_s={timeout_s}", *extra)]
+        cmd = [sys.executable, *job, *train_args(root, run_dir, f"dist.timeout_s={timeout_s}", *extra)]
         ranks.append((start(cmd, log, env), log))
     return ranks
 
@@ -434,7 +440,7 @@ def test_a_hang_names_the_rank_that_did_not_arrive_and_every_live_rank_writes_it
         while log0.read_text().count("Train Epoch") == logged:  # training again: the next step's line
             time.sleep(0.02)
         rank1.send_signal(signal.SIGSTOP)
-        steps = []
+        steps, accounts = [], []
         for rank, (proc, log) in ((0, (rank0, log0)), (2, (rank2, log2))):
             assert proc.wait(timeout=90) == EXIT_FAILED, log.read_text()
             errors = [line for line in log.read_text().splitlines() if "error:" in line]
@@ -447,12 +453,65 @@ def test_a_hang_names_the_rank_that_did_not_arrive_and_every_live_rank_writes_it
             )
             assert named, errors[0]
             steps.append(named[1])
+            accounts.append(hang_account(errors[0]))
             stacks = run_dir / "hang" / f"rank-{rank}.txt"
             assert f"this rank's stacks: {stacks}" in errors[0], errors[0]
             text = stacks.read_text()
             assert "train_epoch" in text and "Current thread" in text, text  # the wait, and every thread
-        assert steps[0] == steps[1] and int(re.findall(r"\d+", steps[0])[0]) > 10, steps  # the same, after step 10
+        # The same place on both, after step 10; and the same account, where one rank got further (job/hang.py).
+        assert steps[0] == steps[1] and int(re.findall(r"\d+", steps[0])[0]) > 10, steps
+        assert accounts[0] == accounts[1], accounts
         assert not (run_dir / "hang" / "rank-1.txt").exists()
+    finally:
+        for proc, _ in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def hang_account(error_line: str) -> str:
+    """What a hang's error line says about the ranks (who did not arrive where, who got further),
+    without the parts that differ between ranks: the transport's detail and the stacks' file."""
+    account = re.search(r"\); (.*); this rank's stacks: ", error_line)
+    assert account, error_line
+    return account[1]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("stop_at", "place"),
+    [
+        ("hook:17", "step 17's collective"),
+        ("gather", "the collective while writing a checkpoint after step 10"),
+    ],
+    ids=["in-a-step", "halfway-through-a-gather"],
+)
+def test_a_rank_that_stops_at_a_known_collective_is_named_there_by_every_live_rank(
+    medium_root, tmp_path, stop_at, place
+):
+    """Rank 1 stops itself (tests/probes/stop_itself.py) at a known point instead of wherever a
+    signal lands; ranks 0 and 2 must both name that point, in the same words.
+    - in-a-step: before its step-17 gradient all-gather. The gradient hook summed a failed
+      all-gather's empty buffers into the gradients: the live ranks trained on through steps 17-19
+      and named step 20, where the stop vote, outside the hook, raised.
+    - halfway-through-a-gather: before the checkpoint's gather of RNG streams. Rank 2, a sender,
+      got through it and waited in the checkpoint's next collective while rank 0 waited in the
+      gather: they named "step 10's collective" and "the collective while writing a checkpoint
+      after step 10". Live ranks that time out in different collectives are what CI met (rank 0
+      named step 20, rank 2 step 16), where a rank got through a step-16 collective the other
+      did not; here it happens at a known place."""
+    run_dir = tmp_path / "run"
+    probe = (str(REPO / "tests/probes/stop_itself.py"), stop_at)
+    ranks = launch_by_hand(medium_root, run_dir, tmp_path, 5, 3, "data.global_batch_size=48", job=probe)
+    try:
+        accounts = []
+        for rank, (proc, log) in ((0, ranks[0]), (2, ranks[2])):
+            assert proc.wait(timeout=120) == EXIT_FAILED, log.read_text()
+            errors = [line for line in log.read_text().splitlines() if "error:" in line]
+            assert len(errors) == 1 and "Traceback" not in log.read_text(), log.read_text()
+            assert errors[0].startswith(f"[rank {rank}] error: a peer rank stopped answering"), errors[0]
+            accounts.append(hang_account(errors[0]))
+        assert accounts == [f"rank 1 did not arrive at {place}"] * 2, accounts
     finally:
         for proc, _ in ranks:
             if proc.poll() is None:
@@ -520,6 +579,43 @@ def test_a_hang_report_names_the_step_or_the_phase():
     assert Whereabouts().collective() == "the collective while starting"
 
 
+def test_a_phase_is_left_when_its_block_ends_and_kept_when_it_raises():
+    from job.hang import Whereabouts
+
+    at = Whereabouts()
+    at.start_step(3)
+    with at.during("writing a checkpoint"):
+        assert at.collective() == "the collective while writing a checkpoint after step 3"
+    assert (at.collective(), at.moves) == ("step 3's collective", 3)
+    with pytest.raises(RuntimeError), at.during("testing epoch 1"):
+        raise RuntimeError("a collective timed out")
+    assert at.collective() == "the collective while testing epoch 1 after step 3"  # what the report names
+
+
+def test_every_live_rank_names_the_earliest_place_and_who_got_further_in_the_same_words():
+    """The CI case: rank 1 stopped halfway through a step-16 collective; rank 0 got through it and
+    timed out in step 17's, rank 2 timed out in it. Each rank hears both answers (its own first)."""
+    from job.hang import Whereabouts, who_did_not_arrive
+
+    def at_step(step: int) -> Whereabouts:
+        at = Whereabouts()
+        for n in range(1, step + 1):
+            at.start_step(n)
+        return at
+
+    heard_by_rank0 = {0: at_step(17), 2: at_step(16)}
+    heard_by_rank2 = {2: at_step(16), 0: at_step(17)}
+    expected = (
+        "rank 1 did not arrive at step 16's collective (rank 0 got through it and waited at step 17's collective)"
+    )
+    assert who_did_not_arrive(heard_by_rank0, 3) == who_did_not_arrive(heard_by_rank2, 3) == expected
+    assert who_did_not_arrive({0: at_step(17), 2: at_step(17)}, 3) == "rank 1 did not arrive at step 17's collective"
+    assert who_did_not_arrive({0: at_step(5), 1: at_step(5)}, 2) == (
+        "every rank answered after the timeout at step 5's collective (a slow rank, not a stopped one)"
+    )
+    assert who_did_not_arrive({0: at_step(5)}, 3) == "ranks 1, 2 did not arrive at step 5's collective"
+
+
 @pytest.mark.parametrize(
     ("message", "kind"),
     [
@@ -530,6 +626,11 @@ def test_a_hang_report_names_the_step_or_the_phase():
          "reset by peer. This is typically caused by a remote worker hanging", "died (Read error [127.0.0.1]:19365: "
          "Connection reset by peer)"),
         ("Connection closed by peer [127.0.0.1]:8888", "died (Connection closed by peer [127.0.0.1]:8888)"),
+        # From DDP's backward, through the gradient hook's future (job/collectives.py)
+        ("Got the following error when running the callback: RuntimeError: [/__w/pytorch/pytorch/third_party/gloo/"
+         "gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 5000ms for send operation to complete",
+         "stopped answering: no reply within dist.timeout_s=5 s (Timed out waiting 5000ms for send operation to "
+         "complete)"),
     ],
 )  # fmt: skip
 def test_gloo_failures_seen_here_read_as_a_lost_peer(message, kind):
