@@ -25,19 +25,8 @@ pytestmark = [
 CUDA_ONLY = {"tf32-off", "speed.tf32", "shared-gpu", "bench"}
 
 
-def gpu_check(
-    out: Path, *args: str, timeout: float = 600, make: bool = False
-) -> tuple[subprocess.CompletedProcess[str], dict]:
-    """The script itself, or (make=True) `make gpu-check ALLOW_CPU=1` as a GPU host's user types it."""
+def gpu_check(out: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], dict]:
     cmd = [sys.executable, "tests/tools/gpu_check.py", "--allow-cpu", "--out", str(out), *args]
-    if make:
-        cmd = [
-            "make",
-            "--no-print-directory",
-            "gpu-check",
-            "ALLOW_CPU=1",
-            f"GPU_CHECK_ARGS={' '.join(['--out', str(out), *args])}",
-        ]
     result = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     report = json.loads((out / "gpu-check.json").read_text())
     return result, report
@@ -49,8 +38,7 @@ def statuses(report: dict) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_cpu_mode_passes_every_cpu_step_and_skips_the_cuda_ones(tmp_path: Path) -> None:
-    """Through `make gpu-check`, so the make target a GPU host runs cannot rot either."""
-    result, report = gpu_check(tmp_path, "--synthetic", make=True)
+    result, report = gpu_check(tmp_path, "--synthetic")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert report["ok"] and report["mode"] == "cpu" and report["counts"]["failed"] == 0
     steps = {step["name"]: step for step in report["steps"]}
